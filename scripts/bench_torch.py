@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""PyTorch eager CPU training benchmark: the reference counterpart of the
+xtf-train (Rust/candle) training benchmark.
+
+What: builds a randomly initialised Llama (vocab 2048, hidden 512,
+intermediate 1376, 4 layers, 8 heads, 8 kv heads, max positions 512, f32,
+eager attention or --attn sdpa) and times training steps on random token ids
+(batch 4, seq 256). One step = forward, causal-LM cross-entropy over all
+positions (logits[:, :-1] vs ids[:, 1:]), backward, clip_grad_norm_(1.0),
+AdamW(lr 1e-4).step(), zero_grad(). --method full trains all weights;
+--method lora trains a PEFT LoRA (r=8, alpha=16, dropout 0, on q/k/v/o/gate/up/down)
+with the base frozen. --warmup steps are run first and not timed.
+
+Output: exactly ONE JSON line on stdout, e.g.
+  {"impl":"torch","method":"lora","tokens_per_s":...,"step_ms":...,"peak_rss_mib":...,
+   "threads":...,"torch":"2.x", ...extra keys: attn, batch, seq, steps, warmup, final_loss}
+step_ms is the mean over the timed steps, tokens_per_s = batch*seq / mean step time,
+peak_rss_mib = resource.getrusage(RUSAGE_SELF).ru_maxrss / 1024 (KiB on Linux).
+Progress messages go to stderr.
+
+Why: gives a like-for-like baseline for the Rust trainer's throughput and memory.
+Nothing is downloaded.
+
+Run:
+
+    python3 scripts/bench_torch.py --method lora [--steps 5] [--warmup 2] [--threads N] [--attn eager|sdpa]
+    python3 scripts/bench_torch.py --method full
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+BATCH, SEQ = 4, 256
+
+
+def build(method, attn):
+    cfg = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation=attn, dtype=torch.float32).float()
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lcfg)  # freezes the base weights
+    model.train()
+    return model
+
+
+def main():
+    ap = argparse.ArgumentParser(description="PyTorch eager CPU training benchmark (see module docstring)")
+    ap.add_argument("--method", choices=["lora", "full"], default="lora")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--attn", choices=["eager", "sdpa"], default="eager")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+
+    model = build(args.method, args.attn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    print(f"[bench_torch] method={args.method} attn={args.attn} threads={threads} "
+          f"trainable={n_train:,} / total={n_total:,}", file=sys.stderr)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, 2048, (BATCH, SEQ), dtype=torch.int64)
+
+    def step():
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for i in range(args.warmup):
+        t0 = time.perf_counter()
+        loss = step()
+        print(f"[bench_torch] warmup {i}: {1000 * (time.perf_counter() - t0):.0f} ms loss {loss:.4f}", file=sys.stderr)
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+        print(f"[bench_torch] step {i}: {1000 * times[-1]:.0f} ms loss {loss:.4f}", file=sys.stderr)
+
+    mean = sum(times) / len(times)
+    print(json.dumps({
+        "impl": "torch",
+        "method": args.method,
+        "tokens_per_s": round(BATCH * SEQ / mean, 2),
+        "step_ms": round(1000 * mean, 2),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "threads": threads,
+        "torch": torch.__version__,
+        "attn": args.attn,
+        "batch": BATCH,
+        "seq": SEQ,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "final_loss": round(loss, 6),
+    }))
+
+
+if __name__ == "__main__":
+    main()

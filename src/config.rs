@@ -1,0 +1,601 @@
+//! The TOML config: typed sections with defaults, then one validation pass
+//! that reports every problem at once, each naming the key and the file.
+//!
+//! Relative paths in a config are relative to the working directory (the
+//! shipped configs are run from the repository root).
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The LoRA target modules that llama / mistral / qwen2 decoders have.
+pub const KNOWN_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub lora: LoraSection,
+    pub output: OutputSection,
+    /// Absent section = ordinary fine-tuning (the paper's "Normal").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xtf: Option<XtfSection>,
+    /// Where the config was read from; used in error messages only.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeName {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DTypeName {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            DTypeName::F32 => candle_core::DType::F32,
+            DTypeName::Bf16 => candle_core::DType::BF16,
+            DTypeName::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Local HF-format directory, or a Hub repo id such as "Qwen/Qwen2.5-0.5B".
+    pub path: String,
+    /// Hub revision (branch, tag or commit) when `path` is a repo id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Weight dtype; losses, softmax and optimizer state are always f32.
+    #[serde(default = "default_dtype")]
+    pub dtype: DTypeName,
+    /// cpu | cuda | cuda:N | metal
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// If set and `path` has no weights yet, `init-tiny` creates the embedded
+    /// tiny model and data in this directory first (offline default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_tiny: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub train: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<PathBuf>,
+    #[serde(default = "default_prompt_field")]
+    pub prompt_field: String,
+    #[serde(default = "default_response_field")]
+    pub response_field: String,
+    /// The prompt part; `{prompt}` is replaced by the prompt field.
+    #[serde(default = "default_template")]
+    pub template: String,
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Lora,
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    #[serde(default = "default_method")]
+    pub method: Method,
+    #[serde(default = "one")]
+    pub epochs: usize,
+    /// Overrides `epochs` when set: stop after this many optimizer steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<usize>,
+    #[serde(default = "default_micro_batch")]
+    pub micro_batch_size: usize,
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_schedule")]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Decoupled (AdamW) decay; never applied to norms or biases.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global-norm clipping; 0 disables it.
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Evaluate every N optimizer steps (and always after the last one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_steps: Option<usize>,
+    /// Append a metrics line every N optimizer steps.
+    #[serde(default = "one")]
+    pub log_steps: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_targets")]
+    pub target_modules: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+    /// LoRA only: also write merged full weights to `dir/merged`.
+    #[serde(default)]
+    pub merge: bool,
+}
+
+/// `[xtf]`: token-level noise filtering (see ../shared/xtf-spec.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XtfSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_xtf_batch")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub protect_eos: bool,
+    #[serde(default)]
+    pub ri: RiSection,
+    #[serde(default)]
+    pub kn: KnSection,
+    #[serde(default)]
+    pub tr: TrSection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RiReduce {
+    ReceivedMean,
+    ReceivedRelative,
+}
+
+/// `"all"` or a list of layer indices (negative counts from the end).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Layers {
+    Named(String),
+    List(Vec<i64>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RiSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_reduce")]
+    pub reduce: RiReduce,
+    #[serde(default = "default_layers")]
+    pub layers: Layers,
+    #[serde(default = "default_iqr")]
+    pub iqr_factor: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_kn_threshold")]
+    pub threshold: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Distance {
+    Cosine,
+    Euclidean,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_distance")]
+    pub distance: Distance,
+    #[serde(default = "default_classes")]
+    pub classes: usize,
+    #[serde(default = "one")]
+    pub filter_class: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+fn default_dtype() -> DTypeName {
+    DTypeName::F32
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_prompt_field() -> String {
+    "prompt".into()
+}
+fn default_response_field() -> String {
+    "response".into()
+}
+fn default_template() -> String {
+    "{prompt}\n".into()
+}
+fn default_max_seq_len() -> usize {
+    512
+}
+fn default_method() -> Method {
+    Method::Lora
+}
+fn default_micro_batch() -> usize {
+    4
+}
+fn default_lr() -> f64 {
+    2e-4
+}
+fn default_schedule() -> Schedule {
+    Schedule::Cosine
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> Vec<String> {
+    KNOWN_MODULES.iter().map(|s| s.to_string()).collect()
+}
+fn default_xtf_batch() -> usize {
+    8
+}
+fn default_reduce() -> RiReduce {
+    RiReduce::ReceivedMean
+}
+fn default_layers() -> Layers {
+    Layers::Named("all".into())
+}
+fn default_iqr() -> f64 {
+    1.0
+}
+fn default_kn_threshold() -> f64 {
+    0.05
+}
+fn default_distance() -> Distance {
+    Distance::Cosine
+}
+fn default_classes() -> usize {
+    3
+}
+
+macro_rules! default_from_serde {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            /// The defaults are the serde defaults, so TOML and code agree.
+            fn default() -> Self {
+                toml::from_str("").expect("all fields have defaults")
+            }
+        }
+    )*};
+}
+default_from_serde!(TrainSection, LoraSection, RiSection, KnSection, TrSection);
+
+/// Parsed device spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+    Metal,
+}
+
+impl DeviceSpec {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cpu" => Some(Self::Cpu),
+            "cuda" => Some(Self::Cuda(0)),
+            "metal" => Some(Self::Metal),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda),
+        }
+    }
+
+    pub fn device(self) -> candle_core::Result<candle_core::Device> {
+        match self {
+            Self::Cpu => Ok(candle_core::Device::Cpu),
+            Self::Cuda(n) => candle_core::Device::new_cuda(n),
+            Self::Metal => candle_core::Device::new_metal(0),
+        }
+    }
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate TOML text; `path` is used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let de = toml::Deserializer::new(text);
+        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .span()
+                .map(|s| format!(" (line {})", line_of(text, s.start)))
+                .unwrap_or_default();
+            Error::Config {
+                file: path.to_path_buf(),
+                key: if key == "." { "<root>".into() } else { key },
+                msg: format!("{}{line}", inner.message().trim()),
+            }
+        })?;
+        cfg.source = path.to_path_buf();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn err(&self, key: &str, msg: impl std::fmt::Display) -> Error {
+        Error::Config {
+            file: self.source.clone(),
+            key: key.into(),
+            msg: msg.to_string(),
+        }
+    }
+
+    /// Every impossible value, reported together (first one as the error,
+    /// the rest appended), so a user fixes a config in one round.
+    pub fn validate(&self) -> Result<()> {
+        let mut errs: Vec<(String, String)> = Vec::new();
+        let mut check = |ok: bool, key: &str, msg: String| {
+            if !ok {
+                errs.push((key.into(), msg));
+            }
+        };
+        let t = &self.train;
+        check(
+            DeviceSpec::parse(&self.model.device).is_some(),
+            "model.device",
+            format!(
+                "expected cpu, cuda, cuda:N or metal, got {:?}",
+                self.model.device
+            ),
+        );
+        check(
+            !self.model.path.is_empty(),
+            "model.path",
+            "must not be empty".into(),
+        );
+        check(
+            self.data.template.contains("{prompt}"),
+            "data.template",
+            "must contain {prompt}".into(),
+        );
+        check(
+            self.data.max_seq_len >= 2,
+            "data.max_seq_len",
+            format!("must be >= 2, got {}", self.data.max_seq_len),
+        );
+        check(
+            t.lr.is_finite() && t.lr > 0.0,
+            "train.lr",
+            format!("must be > 0, got {}", t.lr),
+        );
+        check(t.epochs >= 1, "train.epochs", "must be >= 1".into());
+        check(
+            t.max_steps != Some(0),
+            "train.max_steps",
+            "must be >= 1".into(),
+        );
+        check(
+            t.micro_batch_size >= 1,
+            "train.micro_batch_size",
+            "must be >= 1".into(),
+        );
+        check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1".into());
+        check(t.log_steps >= 1, "train.log_steps", "must be >= 1".into());
+        check(
+            t.eval_steps != Some(0),
+            "train.eval_steps",
+            "must be >= 1".into(),
+        );
+        check(
+            t.weight_decay >= 0.0,
+            "train.weight_decay",
+            format!("must be >= 0, got {}", t.weight_decay),
+        );
+        check(
+            t.max_grad_norm >= 0.0,
+            "train.max_grad_norm",
+            format!(
+                "must be >= 0 (0 disables clipping), got {}",
+                t.max_grad_norm
+            ),
+        );
+        check(
+            (0.0..1.0).contains(&t.beta1),
+            "train.beta1",
+            format!("must be in [0, 1), got {}", t.beta1),
+        );
+        check(
+            (0.0..1.0).contains(&t.beta2),
+            "train.beta2",
+            format!("must be in [0, 1), got {}", t.beta2),
+        );
+        check(
+            t.eps > 0.0,
+            "train.eps",
+            format!("must be > 0, got {}", t.eps),
+        );
+        let l = &self.lora;
+        check(l.r >= 1, "lora.r", "must be >= 1".into());
+        check(
+            l.alpha > 0.0,
+            "lora.alpha",
+            format!("must be > 0, got {}", l.alpha),
+        );
+        check(
+            (0.0..1.0).contains(&l.dropout),
+            "lora.dropout",
+            format!("must be in [0, 1), got {}", l.dropout),
+        );
+        check(
+            !l.target_modules.is_empty(),
+            "lora.target_modules",
+            "must not be empty".into(),
+        );
+        for m in &l.target_modules {
+            check(
+                KNOWN_MODULES.contains(&m.as_str()),
+                "lora.target_modules",
+                format!(
+                    "the model has no module {m:?} (known: {})",
+                    KNOWN_MODULES.join(", ")
+                ),
+            );
+        }
+        check(
+            !(self.output.merge && t.method == Method::Full),
+            "output.merge",
+            "only applies to method = \"lora\"".into(),
+        );
+        if let Some(x) = &self.xtf {
+            check(x.batch_size >= 1, "xtf.batch_size", "must be >= 1".into());
+            check(
+                x.ri.iqr_factor >= 0.0,
+                "xtf.ri.iqr_factor",
+                format!("must be >= 0, got {}", x.ri.iqr_factor),
+            );
+            if let Layers::Named(s) = &x.ri.layers {
+                check(
+                    s == "all",
+                    "xtf.ri.layers",
+                    format!("expected \"all\" or a list of layer indices, got {s:?}"),
+                );
+            }
+            if let Layers::List(v) = &x.ri.layers {
+                check(
+                    !v.is_empty(),
+                    "xtf.ri.layers",
+                    "must not be an empty list".into(),
+                );
+            }
+            check(
+                x.kn.threshold > 0.0 && x.kn.threshold < 1.0,
+                "xtf.kn.threshold",
+                format!("must be in (0, 1), got {}", x.kn.threshold),
+            );
+            check(
+                x.tr.classes >= 2,
+                "xtf.tr.classes",
+                format!("must be >= 2, got {}", x.tr.classes),
+            );
+            check(
+                x.tr.filter_class < x.tr.classes,
+                "xtf.tr.filter_class",
+                format!(
+                    "must be < classes ({}), got {}",
+                    x.tr.classes, x.tr.filter_class
+                ),
+            );
+        }
+        match errs.split_first() {
+            None => Ok(()),
+            Some(((key, msg), rest)) => {
+                let mut msg = msg.clone();
+                for (k, m) in rest {
+                    msg.push_str(&format!("; also {k}: {m}"));
+                }
+                Err(self.err(key, msg))
+            }
+        }
+    }
+
+    /// Is XTF masking switched on?
+    pub fn xtf_enabled(&self) -> bool {
+        self.xtf.as_ref().is_some_and(|x| x.enabled)
+    }
+
+    pub fn device(&self) -> Result<candle_core::Device> {
+        let spec = DeviceSpec::parse(&self.model.device)
+            .ok_or_else(|| self.err("model.device", "invalid device"))?;
+        spec.device().map_err(|e| {
+            self.err(
+                "model.device",
+                format!("cannot open {}: {e}", self.model.device),
+            )
+        })
+    }
+
+    /// Resolved config as TOML, stored next to every output.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+fn line_of(text: &str, byte: usize) -> usize {
+    text[..byte.min(text.len())].matches('\n').count() + 1
+}

@@ -1,0 +1,20 @@
+//! xtf-train: XTF token-level noise filtering (arXiv 2602.14536) with LoRA and
+//! full fine-tuning of llama / mistral / qwen2 checkpoints on candle.
+//!
+//! The maths of the three token attributes, the filters and the masked loss is
+//! specified in `../shared/xtf-spec.md`; code cites its sections.
+
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod io;
+pub mod lora;
+pub mod model;
+pub mod optim;
+pub mod report;
+pub mod synth;
+pub mod tiny;
+pub mod tokenizer;
+pub mod train;
+
+pub use error::{Error, Result};

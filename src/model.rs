@@ -1,0 +1,665 @@
+//! A training-capable llama / mistral / qwen2 decoder on candle-core autograd.
+//!
+//! Why our own and not candle-transformers': its fused kernels (softmax_last_dim,
+//! rms_norm, rope) record no backward, so its models train with silently wrong
+//! gradients; and the XTF scoring pass needs each layer's attention
+//! probabilities, which those models never expose. Here every op is a
+//! differentiable candle op, and an optional observer sees each layer's
+//! probabilities while only that layer's T×T matrix is alive.
+
+use crate::error::{Error, Result};
+use crate::lora::{check_shape, Fwd, Linear};
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The decoder families we implement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+/// Llama-3 frequency-dependent RoPE scaling (`rope_type = "llama3"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+/// What we read from `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<Llama3Scaling>,
+    pub tie_word_embeddings: bool,
+    /// q/k/v biases (qwen2 always; llama with `attention_bias`, which adds o too).
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Mistral: a position attends to the previous `w` positions, itself included.
+    pub sliding_window: Option<usize>,
+}
+
+impl ModelConfig {
+    /// Parse an HF `config.json` value; `path` names the file in errors.
+    pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        let err = |m: String| Error::model(path, m);
+        let get_usize = |k: &str| -> Result<usize> {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .ok_or_else(|| err(format!("missing or invalid integer {k:?}")))
+        };
+        let opt_usize = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
+        let opt_f64 = |k: &str| v.get(k).and_then(Value::as_f64);
+        let opt_bool = |k: &str| v.get(k).and_then(Value::as_bool);
+        let family = match v.get("model_type").and_then(Value::as_str) {
+            Some("llama") => Family::Llama,
+            Some("mistral") => Family::Mistral,
+            Some("qwen2") => Family::Qwen2,
+            other => {
+                return Err(err(format!(
+                    "unsupported model_type {other:?} (supported: llama, mistral, qwen2)"
+                )))
+            }
+        };
+        let hidden_size = get_usize("hidden_size")?;
+        let num_heads = get_usize("num_attention_heads")?;
+        if num_heads == 0 {
+            return Err(err("num_attention_heads must be > 0".into()));
+        }
+        let num_kv_heads = opt_usize("num_key_value_heads").unwrap_or(num_heads);
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(err(format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")));
+        }
+        // transformers 5 moved rope settings into `rope_parameters`; older
+        // configs keep `rope_theta` and `rope_scaling` at the top level.
+        let rope = v
+            .get("rope_parameters")
+            .or_else(|| v.get("rope_scaling"))
+            .filter(|r| r.is_object());
+        let rope_theta = rope
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .or_else(|| opt_f64("rope_theta"))
+            .unwrap_or(10_000.0);
+        let rope_scaling =
+            match rope {
+                None => None,
+                Some(r) => {
+                    let kind = r
+                        .get("rope_type")
+                        .or_else(|| r.get("type"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("default");
+                    match kind {
+                        "default" => None,
+                        "llama3" => {
+                            let f = |k: &str| {
+                                r.get(k)
+                                    .and_then(Value::as_f64)
+                                    .ok_or_else(|| err(format!("rope scaling: missing {k:?}")))
+                            };
+                            Some(Llama3Scaling {
+                                factor: f("factor")?,
+                                low_freq_factor: f("low_freq_factor")?,
+                                high_freq_factor: f("high_freq_factor")?,
+                                original_max_position_embeddings: f(
+                                    "original_max_position_embeddings",
+                                )?,
+                            })
+                        }
+                        other => return Err(err(format!(
+                            "unsupported rope scaling type {other:?} (supported: default, llama3)"
+                        ))),
+                    }
+                }
+            };
+        let attention_bias = opt_bool("attention_bias").unwrap_or(false);
+        let sliding_window = match family {
+            Family::Mistral => opt_usize("sliding_window"),
+            Family::Qwen2 if opt_bool("use_sliding_window").unwrap_or(false) => {
+                return Err(err(
+                    "qwen2 use_sliding_window = true is not supported".into()
+                ))
+            }
+            _ => None,
+        };
+        Ok(Self {
+            family,
+            vocab_size: get_usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: get_usize("intermediate_size")?,
+            num_layers: get_usize("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim: opt_usize("head_dim").unwrap_or(hidden_size / num_heads),
+            rms_norm_eps: opt_f64("rms_norm_eps").unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: opt_bool("tie_word_embeddings").unwrap_or(false),
+            qkv_bias: family == Family::Qwen2 || (family == Family::Llama && attention_bias),
+            o_bias: family == Family::Llama && attention_bias,
+            mlp_bias: family == Family::Llama && opt_bool("mlp_bias").unwrap_or(false),
+            sliding_window,
+        })
+    }
+
+    /// RoPE inverse frequencies, computed in f32 as transformers does.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base = self.rope_theta as f32;
+        let mut inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32))
+            .collect();
+        if let Some(s) = &self.rope_scaling {
+            let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+            let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f as f64;
+                let fv = *f as f64;
+                *f = if wavelen < high_wavelen {
+                    fv
+                } else if wavelen > low_wavelen {
+                    fv / s.factor
+                } else {
+                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    (1.0 - smooth) * fv / s.factor + smooth * fv
+                } as f32;
+            }
+        }
+        inv
+    }
+}
+
+/// Per-layer attention probabilities (B, heads, T, T), f32, handed to an observer.
+pub type AttnObserver<'a> = dyn FnMut(usize, &Tensor) -> Result<()> + 'a;
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+impl Layer {
+    fn linear_mut(&mut self, name: &str) -> Option<(&'static str, &mut Linear)> {
+        Some(match name {
+            "q_proj" => ("self_attn", &mut self.attn.q),
+            "k_proj" => ("self_attn", &mut self.attn.k),
+            "v_proj" => ("self_attn", &mut self.attn.v),
+            "o_proj" => ("self_attn", &mut self.attn.o),
+            "gate_proj" => ("mlp", &mut self.mlp.gate),
+            "up_proj" => ("mlp", &mut self.mlp.up),
+            "down_proj" => ("mlp", &mut self.mlp.down),
+            _ => return None,
+        })
+    }
+}
+
+/// Which weights train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trainable {
+    /// Every base weight frozen (LoRA, scoring, evaluation).
+    Frozen,
+    /// Every base weight a `Var` (full fine-tuning).
+    Full,
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    inv_freq: Tensor,
+    pub dtype: DType,
+    pub device: Device,
+    /// Trainable base weights by HF name (full fine-tuning only).
+    pub vars: Vec<(String, Var)>,
+}
+
+impl Model {
+    /// Build from HF-named tensors (already on `device`, any float dtype).
+    pub fn from_tensors(
+        cfg: ModelConfig,
+        mut w: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        mode: Trainable,
+        path: &Path,
+    ) -> Result<Self> {
+        let mut vars = Vec::new();
+        let frozen = mode == Trainable::Frozen;
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (nh, nkv, v) = (cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size);
+        let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
+            let t = w
+                .remove(&name)
+                .ok_or_else(|| Error::model(path, format!("missing tensor {name}")))?;
+            check_shape(&name, &t, shape, path)?;
+            let t = t.to_dtype(dtype)?.to_device(device)?;
+            Ok(match mode {
+                Trainable::Frozen => t,
+                Trainable::Full => {
+                    let var = Var::from_tensor(&t)?;
+                    vars.push((name, var.clone()));
+                    var.as_tensor().clone()
+                }
+            })
+        };
+        let embed = take("model.embed_tokens.weight".into(), &[v, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                let wt = take(format!("{p}.{name}.weight"), &[out, inp])?;
+                let b = if bias {
+                    Some(take(format!("{p}.{name}.bias"), &[out])?)
+                } else {
+                    None
+                };
+                Ok(Linear::new(wt, b, frozen))
+            };
+            let attn = Attention {
+                q: lin("self_attn.q_proj", nh * hd, h, cfg.qkv_bias)?,
+                k: lin("self_attn.k_proj", nkv * hd, h, cfg.qkv_bias)?,
+                v: lin("self_attn.v_proj", nkv * hd, h, cfg.qkv_bias)?,
+                o: lin("self_attn.o_proj", h, nh * hd, cfg.o_bias)?,
+            };
+            let mlp = Mlp {
+                gate: lin("mlp.gate_proj", i, h, cfg.mlp_bias)?,
+                up: lin("mlp.up_proj", i, h, cfg.mlp_bias)?,
+                down: lin("mlp.down_proj", h, i, cfg.mlp_bias)?,
+            };
+            layers.push(Layer {
+                input_norm: take(format!("{p}.input_layernorm.weight"), &[h])?,
+                attn,
+                post_norm: take(format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp,
+            });
+        }
+        let norm = take("model.norm.weight".into(), &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed.clone(), None, frozen)
+        } else {
+            Linear::new(take("lm_head.weight".into(), &[v, h])?, None, frozen)
+        };
+        let inv_freq = Tensor::new(cfg.inv_freq(), device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            dtype,
+            device: device.clone(),
+            vars,
+        })
+    }
+
+    /// Load from a local HF-format directory.
+    pub fn load(dir: &Path, dtype: DType, device: &Device, mode: Trainable) -> Result<Self> {
+        let cfg = load_config(dir)?;
+        let weights = load_weights(dir, device)?;
+        Self::from_tensors(cfg, weights, dtype, device, mode, dir)
+    }
+
+    /// All base weights by HF name, as saved (the tied head is not repeated).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                layer.input_norm.clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_norm.clone(),
+            ));
+            for (sub, name, lin) in layer.linears() {
+                out.push((format!("{p}.{sub}.{name}.weight"), lin.weight.clone()));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{p}.{sub}.{name}.bias"), b.clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".into(), self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), self.lm_head.weight.clone()));
+        }
+        out
+    }
+
+    /// The input embedding matrix (XTF task relevance reads it).
+    pub fn embeddings(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// Visit every linear layer named `module` (e.g. "q_proj") with its HF prefix
+    /// (`model.layers.{l}.self_attn.q_proj`).
+    pub fn for_each_linear<F>(&mut self, module: &str, mut f: F) -> Result<()>
+    where
+        F: FnMut(&str, &mut Linear) -> Result<()>,
+    {
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let (sub, lin) = layer
+                .linear_mut(module)
+                .ok_or_else(|| Error::Msg(format!("the model has no module {module:?}")))?;
+            f(&format!("model.layers.{l}.{sub}.{module}"), lin)?;
+        }
+        Ok(())
+    }
+
+    /// Precision for softmax, norms, losses and adapters: f32, or f64 when the
+    /// weights are f64 (finite-difference tests run the whole model in f64).
+    pub fn compute_dtype(&self) -> DType {
+        compute_dtype(self.dtype)
+    }
+
+    /// Logits (B, T, vocab) in the compute dtype for token ids (B, T).
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        fwd: &mut Fwd,
+        observer: Option<&mut AttnObserver>,
+    ) -> Result<Tensor> {
+        let h = self.hidden(ids, fwd, observer)?;
+        Ok(self
+            .lm_head
+            .forward(&h, fwd)?
+            .to_dtype(self.compute_dtype())?)
+    }
+
+    /// Final normed hidden states (B, T, H).
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        fwd: &mut Fwd,
+        mut observer: Option<&mut AttnObserver>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
+        let (cos, sin) = self.rope_tables(t)?;
+        let mask = self.attn_mask(t)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps)?;
+            let a = self.attention(&layer.attn, &h, &cos, &sin, &mask, fwd)?;
+            let a = match observer.as_deref_mut() {
+                Some(obs) => {
+                    obs(l, &a.1)?;
+                    a.0
+                }
+                None => a.0,
+            };
+            x = (x + a)?;
+            let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
+            let m = &layer.mlp;
+            let g = m.gate.forward(&h, fwd)?.silu()?;
+            let u = m.up.forward(&h, fwd)?;
+            x = (x + m.down.forward(&(g * u)?, fwd)?)?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Returns the attention output and the probabilities (B, heads, T, T), f32.
+    fn attention(
+        &self,
+        a: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        fwd: &mut Fwd,
+    ) -> Result<(Tensor, Tensor)> {
+        let c = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let heads = |lin: &Linear, n: usize, fwd: &mut Fwd| -> Result<Tensor> {
+            Ok(lin
+                .forward(x, fwd)?
+                .reshape((b, t, n, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = candle_nn::rotary_emb::rope_slow(&heads(&a.q, c.num_heads, fwd)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&heads(&a.k, c.num_kv_heads, fwd)?, cos, sin)?;
+        let v = heads(&a.v, c.num_kv_heads, fwd)?;
+        let rep = c.num_heads / c.num_kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        // Softmax in f32 as transformers' eager attention does.
+        let scores = (q.matmul(&k.t()?)? * scale)?
+            .to_dtype(self.compute_dtype())?
+            .broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let y = probs.to_dtype(self.dtype)?.matmul(&v)?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, t, c.num_heads * c.head_dim))?;
+        Ok((a.o.forward(&y, fwd)?, probs))
+    }
+
+    /// cos/sin tables (T, head_dim/2) in the weight dtype.
+    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+        let pos = Tensor::arange(0u32, t as u32, &self.device)?
+            .to_dtype(DType::F32)?
+            .reshape((t, 1))?;
+        let freqs = pos
+            .broadcast_mul(&self.inv_freq.reshape((1, ()))?)?
+            .to_dtype(self.compute_dtype())?;
+        Ok((
+            freqs.cos()?.to_dtype(self.dtype)?,
+            freqs.sin()?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    /// Causal (and, for Mistral, sliding-window) additive mask (T, T), f32.
+    /// Right padding needs no extra mask: real positions never see later ones.
+    fn attn_mask(&self, t: usize) -> Result<Tensor> {
+        let w = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        let m: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..t).map(move |j| {
+                    if j > i || i - j >= w {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        Ok(Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.compute_dtype())?)
+    }
+}
+
+impl Layer {
+    fn linears(&self) -> [(&'static str, &'static str, &Linear); 7] {
+        [
+            ("self_attn", "q_proj", &self.attn.q),
+            ("self_attn", "k_proj", &self.attn.k),
+            ("self_attn", "v_proj", &self.attn.v),
+            ("self_attn", "o_proj", &self.attn.o),
+            ("mlp", "gate_proj", &self.mlp.gate),
+            ("mlp", "up_proj", &self.mlp.up),
+            ("mlp", "down_proj", &self.mlp.down),
+        ]
+    }
+}
+
+/// RMSNorm in f32, differentiable (candle's fused rms_norm has no backward).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(compute_dtype(dtype))?;
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let x = x.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(x.to_dtype(dtype)?.broadcast_mul(w)?)
+}
+
+/// f32 for every weight dtype except f64.
+pub fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Read and parse `config.json` in a model directory.
+pub fn load_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join("config.json");
+    if !dir.is_dir() {
+        return Err(Error::model(dir, "model directory not found"));
+    }
+    let v = crate::tokenizer::read_json_opt(&path)?
+        .ok_or_else(|| Error::model(&path, "config.json not found"))?;
+    ModelConfig::from_json(&v, &path)
+}
+
+/// The safetensors files of a checkpoint: the shards named by
+/// `model.safetensors.index.json`, or the single `model.safetensors`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if let Some(v) = crate::tokenizer::read_json_opt(&index)? {
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::model(&index, "no weight_map"))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(Error::model(
+        dir,
+        "no model.safetensors or model.safetensors.index.json",
+    ))
+}
+
+/// Load every tensor of a checkpoint onto `device`, naming the file on error.
+pub fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for f in weight_files(dir)? {
+        let t = candle_core::safetensors::load(&f, device)
+            .map_err(|e| Error::model(&f, format!("cannot read weights: {e}")))?;
+        out.extend(t);
+    }
+    Ok(out)
+}
+
+/// Resolve `model.path`: a local directory, or a Hub repo id fetched through
+/// hf-hub's cache (honours HF_HOME; HF_HUB_OFFLINE=1 reads the cache only).
+pub fn resolve_model_dir(path: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let local = Path::new(path);
+    if local.is_dir()
+        || path.starts_with('.')
+        || path.starts_with('/')
+        || path.matches('/').count() != 1
+    {
+        if !local.is_dir() {
+            return Err(Error::model(local, "model directory not found"));
+        }
+        return Ok(local.to_path_buf());
+    }
+    let rev = revision.unwrap_or("main").to_string();
+    let repo = hf_hub::Repo::with_revision(path.to_string(), hf_hub::RepoType::Model, rev);
+    let offline =
+        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let fetch = |file: &str| -> Result<Option<PathBuf>> {
+        if offline {
+            return Ok(hf_hub::Cache::from_env().repo(repo.clone()).get(file));
+        }
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_progress(false)
+            .build()
+            .map_err(|e| Error::model(path, format!("hub: {e}")))?;
+        match api.repo(repo.clone()).get(file) {
+            Ok(p) => Ok(Some(p)),
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => {
+                Ok(None)
+            }
+            Err(e) => Err(Error::model(
+                path,
+                format!("hub download of {file} failed: {e}"),
+            )),
+        }
+    };
+    let config = fetch("config.json")?.ok_or_else(|| {
+        Error::model(
+            path,
+            if offline {
+                "not in the local hub cache (HF_HUB_OFFLINE is set)"
+            } else {
+                "no config.json in this repo"
+            },
+        )
+    })?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        fetch(f)?;
+    }
+    match fetch("model.safetensors.index.json")? {
+        Some(index) => {
+            let dir = index.parent().map(Path::to_path_buf).unwrap_or_default();
+            for f in weight_files(&dir)? {
+                let name = f
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                fetch(&name)?.ok_or_else(|| Error::model(path, format!("missing shard {name}")))?;
+            }
+        }
+        None => {
+            fetch("model.safetensors")?
+                .ok_or_else(|| Error::model(path, "no safetensors weights in this repo"))?;
+        }
+    }
+    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}

@@ -1,0 +1,208 @@
+//! AdamW with f32 state, decoupled weight decay, global-norm clipping and
+//! state save/load, plus the learning-rate schedule.
+//!
+//! Why not candle-nn's `AdamW`: it keeps moments in the parameter dtype (bf16
+//! parameters then stop updating), decays norms and biases, has no clipping
+//! and cannot export its state for an exact resume.
+
+use crate::config::Schedule;
+use crate::error::{Error, Result};
+use candle_core::{DType, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Learning rate at optimizer step `step` (0-based): linear warmup to `peak`
+/// over `warmup` steps, then cosine / linear decay to 0 at `total`, or constant.
+pub fn lr_at(step: usize, peak: f64, warmup: usize, total: usize, schedule: Schedule) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let progress = ((step - warmup) as f64 / span).min(1.0);
+    match schedule {
+        Schedule::Constant => peak,
+        Schedule::Linear => peak * (1.0 - progress),
+        Schedule::Cosine => peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWParams {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWParams {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    /// f32 master copy when the parameter itself is bf16/f16.
+    master: Option<Tensor>,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
+}
+
+pub struct AdamW {
+    slots: Vec<Slot>,
+    pub params: AdamWParams,
+    /// Optimizer updates taken so far (bias correction uses it).
+    pub t: usize,
+}
+
+/// Weight decay applies to matrices only: never to norm weights or biases.
+fn decays(var: &Var) -> bool {
+    var.as_tensor().rank() >= 2
+}
+
+impl AdamW {
+    pub fn new(vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
+        let slots = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let t = var.as_tensor();
+                let sd = crate::model::compute_dtype(t.dtype());
+                let master = if t.dtype() == sd {
+                    None
+                } else {
+                    Some(t.to_dtype(sd)?)
+                };
+                Ok(Slot {
+                    decay: decays(&var),
+                    m: t.zeros_like()?.to_dtype(sd)?,
+                    v: t.zeros_like()?.to_dtype(sd)?,
+                    name,
+                    var,
+                    master,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            slots,
+            params,
+            t: 0,
+        })
+    }
+
+    pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.slots.iter().map(|s| (s.name.as_str(), &s.var))
+    }
+
+    /// Global L2 norm of the gradients (f32), as `clip_grad_norm_` computes it.
+    pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+        let mut sq = 0f64;
+        for g in grads.iter().flatten() {
+            sq += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+        Ok(sq.sqrt())
+    }
+
+    /// One update. `grads[i]` belongs to the i-th var (None = no gradient, skipped).
+    /// Clips to `max_norm` (0 = off) first; returns the pre-clip global norm.
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, max_norm: f64) -> Result<f64> {
+        if grads.len() != self.slots.len() {
+            return Err(Error::Msg(format!(
+                "optimizer has {} params, got {} grads",
+                self.slots.len(),
+                grads.len()
+            )));
+        }
+        let norm = Self::grad_norm(grads)?;
+        let clip = if max_norm > 0.0 && norm > max_norm {
+            max_norm / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        self.t += 1;
+        let AdamWParams {
+            beta1: b1,
+            beta2: b2,
+            eps,
+            weight_decay: wd,
+        } = self.params;
+        let bc1 = 1.0 - b1.powi(self.t as i32);
+        let bc2 = 1.0 - b2.powi(self.t as i32);
+        for (slot, g) in self.slots.iter_mut().zip(grads) {
+            let Some(g) = g else { continue };
+            let g = (g.to_dtype(slot.m.dtype())? * clip)?;
+            slot.m = ((&slot.m * b1)? + (&g * (1.0 - b1))?)?;
+            slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let p = match &slot.master {
+                Some(m) => m.clone(),
+                None => slot.var.as_tensor().detach(),
+            };
+            // Decoupled decay first, as torch.optim.AdamW does.
+            let p = if slot.decay && wd > 0.0 {
+                (p * (1.0 - lr * wd))?
+            } else {
+                p
+            };
+            let upd = ((&slot.m / bc1)? / ((&slot.v / bc2)?.sqrt()? + eps)?)?;
+            let p = (p - (upd * lr)?)?;
+            slot.var.set(&p.to_dtype(slot.var.dtype())?)?;
+            if slot.master.is_some() {
+                slot.master = Some(p);
+            }
+        }
+        Ok(norm)
+    }
+
+    /// Save moments, master weights and the step count (safetensors), for resume.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut map = HashMap::new();
+        for s in &self.slots {
+            map.insert(format!("{}.exp_avg", s.name), s.m.clone());
+            map.insert(format!("{}.exp_avg_sq", s.name), s.v.clone());
+            if let Some(m) = &s.master {
+                map.insert(format!("{}.master", s.name), m.clone());
+            }
+        }
+        let dev = self
+            .slots
+            .first()
+            .map(|s| s.m.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        map.insert("__step__".into(), Tensor::new(&[self.t as f32], &dev)?);
+        crate::io::save_safetensors(path, &map)
+    }
+
+    /// Restore state written by [`AdamW::save`] for the same parameter list.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let dev = self
+            .slots
+            .first()
+            .map(|s| s.m.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        let mut map =
+            candle_core::safetensors::load(path, &dev).map_err(|e| Error::model(path, e))?;
+        let mut get = |k: String| {
+            map.remove(&k)
+                .ok_or_else(|| Error::model(path, format!("missing {k}")))
+        };
+        for s in self.slots.iter_mut() {
+            s.m = get(format!("{}.exp_avg", s.name))?;
+            s.v = get(format!("{}.exp_avg_sq", s.name))?;
+            if s.master.is_some() {
+                s.master = Some(get(format!("{}.master", s.name))?);
+            }
+        }
+        self.t = get("__step__".into())?.to_vec1::<f32>()?[0] as usize;
+        Ok(())
+    }
+}

@@ -1,0 +1,122 @@
+//! Tokenizer loading and the special-token rules of the tokenisation contract:
+//! BOS is added iff the tokenizer/model defines one, EOS always ends a response.
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// A tokenizer plus the special ids the data pipeline needs.
+pub struct Tok {
+    pub inner: tokenizers::Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: u32,
+    /// Right padding id; never trained on, so any valid id works.
+    pub pad: u32,
+}
+
+impl Tok {
+    /// Load `tokenizer.json` from a model directory, reading `tokenizer_config.json`
+    /// (bos/eos/add_bos_token) and `config.json` (bos/eos ids) when present.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::model(&path, "tokenizer.json not found"));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::model(&path, format!("cannot load tokenizer: {e}")))?;
+        let tcfg = read_json_opt(&dir.join("tokenizer_config.json"))?;
+        let mcfg = read_json_opt(&dir.join("config.json"))?;
+        Self::from_parts(inner, tcfg.as_ref(), mcfg.as_ref(), &path)
+    }
+
+    /// The rules, separated from file I/O so they can be tested directly.
+    ///
+    /// BOS: `tokenizer_config.add_bos_token` decides when present (Mistral: true);
+    /// otherwise a non-null `bos_token` there means "add" (Llama-3), a null one
+    /// means "don't" (Qwen2, whose config.json still lists a bos id); with no
+    /// tokenizer_config at all, `config.json`'s `bos_token_id` decides.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        tcfg: Option<&Value>,
+        mcfg: Option<&Value>,
+        path: &Path,
+    ) -> Result<Self> {
+        let token_id = |v: &Value| -> Option<u32> {
+            let s = match v {
+                Value::String(s) => s.as_str(),
+                Value::Object(o) => o.get("content")?.as_str()?,
+                _ => return None,
+            };
+            inner.token_to_id(s)
+        };
+        let cfg_id = |key: &str| -> Option<u32> {
+            let v = mcfg?.get(key)?;
+            match v {
+                Value::Array(a) => a.first()?.as_u64().map(|x| x as u32),
+                _ => v.as_u64().map(|x| x as u32),
+            }
+        };
+        let bos = match tcfg {
+            Some(t) => {
+                let named = t
+                    .get("bos_token")
+                    .and_then(token_id)
+                    .or_else(|| cfg_id("bos_token_id"));
+                match t.get("add_bos_token").and_then(Value::as_bool) {
+                    Some(false) => None,
+                    Some(true) => named,
+                    None => t.get("bos_token").and_then(token_id),
+                }
+            }
+            None => cfg_id("bos_token_id"),
+        };
+        let eos = tcfg
+            .and_then(|t| t.get("eos_token"))
+            .and_then(token_id)
+            .or_else(|| cfg_id("eos_token_id"))
+            .ok_or_else(|| {
+                Error::model(path, "no EOS token: set eos_token in tokenizer_config.json or eos_token_id in config.json")
+            })?;
+        let pad = tcfg
+            .and_then(|t| t.get("pad_token"))
+            .and_then(token_id)
+            .or_else(|| cfg_id("pad_token_id"))
+            .unwrap_or(eos);
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad,
+        })
+    }
+
+    /// Encode without special tokens (the trainer adds BOS/EOS itself).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Msg(format!("tokenizer failed on {text:?}: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Msg(format!("cannot decode {ids:?}: {e}")))
+    }
+
+    /// One token as text (for reports); unknown ids read as `<id>`.
+    pub fn token_str(&self, id: u32) -> String {
+        self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"))
+    }
+}
+
+pub(crate) fn read_json_opt(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
+}

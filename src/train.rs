@@ -1,0 +1,354 @@
+//! The fine-tuning loop: `loss_step` (one micro-batch forward + backward) kept
+//! apart from `train` (the optimizer-step loop), like torchtune's recipes.
+
+use crate::config::{Config, Method};
+use crate::data::{self, Batch, Example};
+use crate::error::{Error, Result};
+use crate::lora::{self, Fwd};
+use crate::model::{self, Model, Trainable};
+use crate::optim::{lr_at, AdamW, AdamWParams};
+use crate::tokenizer::Tok;
+use candle_core::{Tensor, Var, D};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Per-position cross-entropy (B, T) in f32 of `logits` against `targets`.
+pub fn token_ce(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    Ok(logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?.neg()?)
+}
+
+/// `sum_p m_p · CE_p` over one micro-batch (the spec's numerator).
+pub fn masked_ce_sum(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+    let w = batch.weights.to_dtype(logits.dtype())?;
+    Ok((token_ce(logits, &batch.targets)? * w)?.sum_all()?)
+}
+
+/// Forward + backward of one micro-batch, its loss divided by `norm`, the
+/// unmasked label tokens of the *whole* optimizer step, so accumulation gives
+/// the gradient of one large batch. Returns the scaled loss and the gradients.
+pub fn loss_step(
+    model: &Model,
+    batch: &Batch,
+    norm: f64,
+    fwd: &mut Fwd,
+) -> Result<(f64, candle_core::backprop::GradStore)> {
+    let logits = model.forward(&batch.input, fwd, None)?;
+    let loss = (masked_ce_sum(&logits, batch)? / norm)?;
+    let grads = loss.backward()?;
+    Ok((
+        loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
+        grads,
+    ))
+}
+
+/// Add this micro-batch's gradients into the step's accumulators.
+pub fn accumulate(
+    acc: &mut [Option<Tensor>],
+    vars: &[(String, Var)],
+    grads: &candle_core::backprop::GradStore,
+) -> Result<()> {
+    for (slot, (_, var)) in acc.iter_mut().zip(vars) {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            *slot = Some(match slot.take() {
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Mean cross-entropy over all label tokens of `examples` (token-weighted).
+pub fn eval_loss(model: &Model, examples: &[Example], batch_size: usize, pad: u32) -> Result<f64> {
+    let (mut sum, mut n) = (0f64, 0f64);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = data::make_batch(&refs, None, pad, &model.device)?;
+        let logits = model.forward(&batch.input, &mut Fwd::default(), None)?;
+        sum += masked_ce_sum(&logits.detach(), &batch)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        n += batch.n_tokens;
+    }
+    Ok(if n > 0.0 { sum / n } else { f64::NAN })
+}
+
+/// Everything a run needs, loaded and checked before any training starts.
+pub struct Setup {
+    pub model: Model,
+    pub tok: Tok,
+    pub model_dir: PathBuf,
+    pub train: Vec<Example>,
+    pub eval: Vec<Example>,
+    /// Trainable parameters with their output names (PEFT or HF).
+    pub vars: Vec<(String, Var)>,
+}
+
+/// Resolve the model, read and tokenise the data, attach adapters.
+pub fn setup(cfg: &Config) -> Result<Setup> {
+    if let Some(dir) = &cfg.model.init_tiny {
+        crate::tiny::ensure(dir)?;
+    }
+    let model_dir = model::resolve_model_dir(&cfg.model.path, cfg.model.revision.as_deref())?;
+    let tok = Tok::load(&model_dir)?;
+    let d = &cfg.data;
+    let load = |path: &Path| -> Result<Vec<Example>> {
+        let recs = data::read_jsonl(path, &d.prompt_field, &d.response_field)?;
+        let (ex, stats) = data::tokenize(&recs, &tok, &d.template, d.max_seq_len)?;
+        tracing::info!(
+            "{}: {} examples, {} label tokens, {} truncated, {} dropped (prompt >= max_seq_len {})",
+            path.display(),
+            ex.len(),
+            ex.iter().map(Example::n_labels).sum::<usize>(),
+            stats.truncated,
+            stats.dropped,
+            d.max_seq_len
+        );
+        if ex.is_empty() {
+            return Err(Error::data(path, 0, "no usable example after tokenisation"));
+        }
+        Ok(ex)
+    };
+    let train = load(&d.train)?;
+    let eval = match &d.eval {
+        Some(p) => load(p)?,
+        None => Vec::new(),
+    };
+    let device = cfg.device()?;
+    let mode = match cfg.train.method {
+        Method::Lora => Trainable::Frozen,
+        Method::Full => Trainable::Full,
+    };
+    let mut model = Model::load(&model_dir, cfg.model.dtype.dtype(), &device, mode)?;
+    let vocab = model.cfg.vocab_size as u32;
+    if let Some(bad) = train
+        .iter()
+        .chain(&eval)
+        .flat_map(|e| &e.ids)
+        .find(|&&id| id >= vocab)
+    {
+        return Err(Error::model(
+            &model_dir,
+            format!("tokenizer produced id {bad} >= vocab_size {vocab}"),
+        ));
+    }
+    let vars = match cfg.train.method {
+        Method::Lora => lora::attach(&mut model, &cfg.lora, cfg.train.seed)?,
+        Method::Full => model.vars.clone(),
+    };
+    Ok(Setup {
+        model,
+        tok,
+        model_dir,
+        train,
+        eval,
+        vars,
+    })
+}
+
+/// The order of micro-batches: each epoch a fresh seeded shuffle.
+pub struct Plan {
+    pub micro: Vec<Vec<usize>>,
+    pub steps: usize,
+    pub accum: usize,
+}
+
+impl Plan {
+    pub fn new(n: usize, cfg: &crate::config::TrainSection) -> Self {
+        let per_step = cfg.micro_batch_size * cfg.grad_accum;
+        let steps = cfg.max_steps.unwrap_or(cfg.epochs * n.div_ceil(per_step));
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut micro = Vec::new();
+        while micro.len() < steps * cfg.grad_accum {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.shuffle(&mut rng);
+            micro.extend(order.chunks(cfg.micro_batch_size).map(<[usize]>::to_vec));
+        }
+        Self {
+            micro,
+            steps,
+            accum: cfg.grad_accum,
+        }
+    }
+
+    /// Micro-batches (as example indices) of optimizer step `step`.
+    pub fn step(&self, step: usize) -> &[Vec<usize>] {
+        &self.micro[step * self.accum..(step + 1) * self.accum]
+    }
+}
+
+/// Per-example, per-label-token keep flags (the XTF mask); `None` = keep all.
+pub type Masks = Option<Vec<Vec<bool>>>;
+
+/// What a training run reports back.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub skipped_steps: usize,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub tokens_per_s: f64,
+    pub output_dir: PathBuf,
+}
+
+/// Train per the config and write every output to `output.dir`.
+pub fn train(cfg: &Config, mut s: Setup, masks: Masks, quiet: bool) -> Result<TrainReport> {
+    let t = &cfg.train;
+    let out = &cfg.output.dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    crate::io::write_atomic(&out.join("config.resolved.toml"), cfg.to_toml().as_bytes())?;
+    let params = AdamWParams {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+    };
+    let mut opt = AdamW::new(s.vars.clone(), params)?;
+    let plan = Plan::new(s.train.len(), t);
+    let mut rng = ChaCha8Rng::seed_from_u64(t.seed ^ 0x5eed);
+    let mut metrics = crate::report::Metrics::new(out.join("metrics.jsonl"));
+    let bar = crate::report::progress(plan.steps as u64, quiet);
+    let (mut first_loss, mut last_loss, mut skipped, mut eval) = (f64::NAN, f64::NAN, 0, None);
+    let (started, mut tokens_seen) = (Instant::now(), 0usize);
+    tracing::info!(
+        "training: {} steps, {} trainable tensors ({} params)",
+        plan.steps,
+        s.vars.len(),
+        s.vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>()
+    );
+    for step in 0..plan.steps {
+        let step_start = Instant::now();
+        // Build every micro-batch first: the loss is normalised by the
+        // unmasked label tokens of the whole optimizer step (spec: loss mask).
+        let batches = plan
+            .step(step)
+            .iter()
+            .map(|idx| {
+                let ex: Vec<&Example> = idx.iter().map(|&i| &s.train[i]).collect();
+                let keep: Option<Vec<&[bool]>> = masks
+                    .as_ref()
+                    .map(|m| idx.iter().map(|&i| m[i].as_slice()).collect());
+                data::make_batch(&ex, keep.as_deref(), s.tok.pad, &s.model.device)
+            })
+            .collect::<Result<Vec<Batch>>>()?;
+        let n_tok: f64 = batches.iter().map(|b| b.n_tokens).sum();
+        if n_tok == 0.0 {
+            skipped += 1;
+            tracing::warn!(
+                "step {}: every label token is masked; step skipped",
+                step + 1
+            );
+            bar.inc(1);
+            continue;
+        }
+        // Forward/backward each micro-batch, summing gradients.
+        let lr = lr_at(step, t.lr, t.warmup_steps, plan.steps, t.schedule);
+        let mut acc: Vec<Option<Tensor>> = vec![None; s.vars.len()];
+        let mut loss = 0.0;
+        for b in &batches {
+            let mut fwd = Fwd {
+                rng: Some(&mut rng),
+                no_adapters: false,
+            };
+            let (l, grads) = loss_step(&s.model, b, n_tok, &mut fwd)?;
+            accumulate(&mut acc, &s.vars, &grads)?;
+            loss += l;
+        }
+        // Clip and update.
+        let grad_norm = opt.step(&acc, lr, t.max_grad_norm)?;
+        let ntok_in: usize = batches.iter().flat_map(|b| &b.lengths).sum();
+        tokens_seen += ntok_in;
+        let tps = ntok_in as f64 / step_start.elapsed().as_secs_f64();
+        if first_loss.is_nan() {
+            first_loss = loss;
+        }
+        last_loss = loss;
+        // Evaluate on schedule and always after the last step.
+        let last = step + 1 == plan.steps;
+        let mut this_eval = None;
+        if !s.eval.is_empty() && (last || t.eval_steps.is_some_and(|e| (step + 1) % e == 0)) {
+            let e = eval_loss(&s.model, &s.eval, t.micro_batch_size, s.tok.pad)?;
+            bar.suspend(|| tracing::info!("step {:>5} | eval_loss {:.4}", step + 1, e));
+            eval = Some(e);
+            this_eval = Some(e);
+        }
+        if (step + 1) % t.log_steps == 0 || last || this_eval.is_some() {
+            metrics.push(crate::report::StepMetrics {
+                step: step + 1,
+                loss,
+                lr,
+                grad_norm,
+                tokens_per_s: tps,
+                label_tokens: n_tok,
+                eval_loss: this_eval,
+            })?;
+            let line = format!("step {:>5}/{} | loss {loss:.4} | lr {lr:.2e} | grad_norm {grad_norm:.3} | {tps:>8.0} tok/s", step + 1, plan.steps);
+            if quiet {
+                tracing::info!("{line}");
+            }
+        }
+        bar.set_message(format!("loss {loss:.4} | {tps:.0} tok/s"));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
+    save_outputs(cfg, &mut s)?;
+    let report = TrainReport {
+        steps: plan.steps,
+        skipped_steps: skipped,
+        first_loss,
+        last_loss,
+        eval_loss: eval,
+        tokens_per_s: tokens_seen as f64 / elapsed.max(1e-9),
+        output_dir: out.clone(),
+    };
+    tracing::info!(
+        "done: {} steps ({} skipped) in {elapsed:.1}s | loss {first_loss:.4} -> {last_loss:.4} | eval_loss {} | {:.0} tok/s | outputs in {}",
+        report.steps, skipped, eval.map_or("-".into(), |e| format!("{e:.4}")), report.tokens_per_s, out.display()
+    );
+    Ok(report)
+}
+
+/// LoRA: PEFT adapter (+ merged weights if asked). Full: an HF checkpoint.
+pub fn save_outputs(cfg: &Config, s: &mut Setup) -> Result<()> {
+    let out = &cfg.output.dir;
+    match cfg.train.method {
+        Method::Lora => {
+            lora::save_adapter(&s.vars, &cfg.lora, &cfg.model.path, out)?;
+            if cfg.output.merge {
+                let merged = lora::merged_tensors(&mut s.model)?;
+                save_checkpoint(&merged, &s.model_dir, &out.join("merged"))?;
+            }
+        }
+        Method::Full => save_checkpoint(&s.model.named_tensors(), &s.model_dir, out)?,
+    }
+    Ok(())
+}
+
+/// Write `model.safetensors` plus the base's config and tokenizer files, so
+/// `AutoModelForCausalLM.from_pretrained(dir)` loads it.
+pub fn save_checkpoint(tensors: &[(String, Tensor)], base_dir: &Path, dir: &Path) -> Result<()> {
+    let map = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.detach().contiguous()?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    crate::io::save_safetensors(&dir.join("model.safetensors"), &map)?;
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        let src = base_dir.join(f);
+        if src.exists() {
+            crate::io::copy_atomic(&src, &dir.join(f))?;
+        }
+    }
+    Ok(())
+}
