@@ -208,7 +208,8 @@ def tr_scores(E, ids, lengths):
 def print_inv_freq(model):
     cfg = model.config
     head_dim = cfg.head_dim
-    theta = cfg.rope_parameters["rope_theta"]
+    rp = getattr(cfg, "rope_parameters", None) or {}
+    theta = rp.get("rope_theta", getattr(cfg, "rope_theta", None))
     default = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     scaled = model.model.rotary_emb.inv_freq.double()
     print("  llama3 rope: inv_freq default :", [f"{x:.6g}" for x in default.tolist()])

@@ -98,38 +98,39 @@ impl ModelConfig {
             .and_then(Value::as_f64)
             .or_else(|| opt_f64("rope_theta"))
             .unwrap_or(10_000.0);
-        let rope_scaling =
-            match rope {
-                None => None,
-                Some(r) => {
-                    let kind = r
-                        .get("rope_type")
-                        .or_else(|| r.get("type"))
-                        .and_then(Value::as_str)
-                        .unwrap_or("default");
-                    match kind {
-                        "default" => None,
-                        "llama3" => {
-                            let f = |k: &str| {
-                                r.get(k)
-                                    .and_then(Value::as_f64)
-                                    .ok_or_else(|| err(format!("rope scaling: missing {k:?}")))
-                            };
-                            Some(Llama3Scaling {
-                                factor: f("factor")?,
-                                low_freq_factor: f("low_freq_factor")?,
-                                high_freq_factor: f("high_freq_factor")?,
-                                original_max_position_embeddings: f(
-                                    "original_max_position_embeddings",
-                                )?,
-                            })
-                        }
-                        other => return Err(err(format!(
+        let rope_scaling = match rope {
+            None => None,
+            Some(r) => {
+                let kind = r
+                    .get("rope_type")
+                    .or_else(|| r.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                match kind {
+                    "default" => None,
+                    "llama3" => {
+                        let f = |k: &str| {
+                            r.get(k)
+                                .and_then(Value::as_f64)
+                                .ok_or_else(|| err(format!("rope scaling: missing {k:?}")))
+                        };
+                        Some(Llama3Scaling {
+                            factor: f("factor")?,
+                            low_freq_factor: f("low_freq_factor")?,
+                            high_freq_factor: f("high_freq_factor")?,
+                            original_max_position_embeddings: f(
+                                "original_max_position_embeddings",
+                            )?,
+                        })
+                    }
+                    other => {
+                        return Err(err(format!(
                             "unsupported rope scaling type {other:?} (supported: default, llama3)"
-                        ))),
+                        )))
                     }
                 }
-            };
+            }
+        };
         let attention_bias = opt_bool("attention_bias").unwrap_or(false);
         let sliding_window = match family {
             Family::Mistral => opt_usize("sliding_window"),
@@ -269,7 +270,9 @@ impl Model {
             check_shape(&name, &t, shape, path)?;
             let t = t.to_dtype(dtype)?.to_device(device)?;
             Ok(match mode {
-                Trainable::Frozen => t,
+                // detach: a frozen weight must never be a graph leaf, even if
+                // the caller handed us a Var's tensor.
+                Trainable::Frozen => t.detach(),
                 Trainable::Full => {
                     let var = Var::from_tensor(&t)?;
                     vars.push((name, var.clone()));

@@ -1,0 +1,99 @@
+//! Shared helpers for integration tests: small random decoders built in code.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::Path;
+use xtf_train::data::Example;
+use xtf_train::model::{Model, ModelConfig, Trainable};
+
+/// A small config of the given family, with GQA and a head_dim that differs
+/// from hidden/heads so shape bugs cannot hide.
+pub fn small_config(family: &str) -> ModelConfig {
+    let mut v = serde_json::json!({
+        "model_type": family,
+        "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 6, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 64, "tie_word_embeddings": family == "qwen2",
+    });
+    if family == "mistral" {
+        v["sliding_window"] = 3.into();
+    }
+    ModelConfig::from_json(&v, Path::new("test-config.json")).expect("valid test config")
+}
+
+/// Random weights with a larger spread than the usual init, so gradients and
+/// logits are far from trivial; qwen2 gets q/k/v biases.
+pub fn random_model(cfg: &ModelConfig, dtype: DType, mode: Trainable, seed: u64) -> Model {
+    let mut w = xtf_train::tiny::random_weights(cfg, seed).expect("weights");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 77);
+    let mut names: Vec<String> = w.keys().cloned().collect();
+    names.sort(); // HashMap order differs per map: sort for determinism
+    for name in names {
+        let t = w.get_mut(&name).expect("present");
+        let n = t.elem_count();
+        let noise: Vec<f32> = (0..n).map(|_| rng.gen_range(-0.3f32..0.3)).collect();
+        *t = (t.clone() + Tensor::from_vec(noise, t.dims(), &Device::Cpu).expect("noise"))
+            .expect("add");
+    }
+    if cfg.qkv_bias {
+        for l in 0..cfg.num_layers {
+            for (m, n) in [
+                ("q_proj", cfg.num_heads),
+                ("k_proj", cfg.num_kv_heads),
+                ("v_proj", cfg.num_kv_heads),
+            ] {
+                let len = n * cfg.head_dim;
+                let b: Vec<f32> = (0..len).map(|_| rng.gen_range(-0.2f32..0.2)).collect();
+                w.insert(
+                    format!("model.layers.{l}.self_attn.{m}.bias"),
+                    Tensor::from_vec(b, len, &Device::Cpu).expect("bias"),
+                );
+            }
+        }
+    }
+    Model::from_tensors(
+        cfg.clone(),
+        w,
+        dtype,
+        &Device::Cpu,
+        mode,
+        Path::new("random"),
+    )
+    .expect("model")
+}
+
+/// Examples of different lengths and label starts (so micro-batches differ in
+/// label counts and padding).
+pub fn random_examples(n: usize, vocab: u32, seed: u64) -> Vec<Example> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = rng.gen_range(5..12);
+            let label_start = rng.gen_range(1..len - 1);
+            Example {
+                ids: (0..len).map(|_| rng.gen_range(3..vocab)).collect(),
+                label_start,
+            }
+        })
+        .collect()
+}
+
+pub fn flat(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
