@@ -1,0 +1,115 @@
+//! Config parsing: every shipped config loads; every bad key or value is an
+//! error naming the key and the file.
+
+use std::path::Path;
+use xtf_train::config::{Config, Layers, Method};
+
+const MINIMAL: &str = r#"
+[model]
+path = "m"
+[data]
+train = "t.jsonl"
+[output]
+dir = "o"
+"#;
+
+fn parse(text: &str) -> Result<Config, String> {
+    Config::parse(text, Path::new("cfg/x.toml")).map_err(|e| e.to_string())
+}
+
+#[test]
+fn every_shipped_config_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
+
+#[test]
+fn defaults_are_the_documented_ones() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.train.method, Method::Lora);
+    assert_eq!(
+        (c.train.micro_batch_size, c.train.grad_accum, c.train.epochs),
+        (4, 1, 1)
+    );
+    assert_eq!(c.train.lr, 2e-4);
+    assert_eq!((c.lora.r, c.lora.alpha), (8, 16.0));
+    assert_eq!(c.lora.target_modules.len(), 7);
+    assert_eq!(c.data.template, "{prompt}\n");
+    assert!(c.xtf.is_none() && !c.xtf_enabled());
+    let x = parse(&format!("{MINIMAL}\n[xtf]\n")).unwrap();
+    let x = x.xtf.unwrap();
+    assert!(x.enabled && x.ri.enabled && x.kn.enabled && x.tr.enabled);
+    assert_eq!(
+        (
+            x.kn.threshold,
+            x.ri.iqr_factor,
+            x.tr.classes,
+            x.tr.filter_class
+        ),
+        (0.05, 1.0, 3, 1)
+    );
+    assert_eq!(x.ri.layers, Layers::Named("all".into()));
+}
+
+#[test]
+fn unknown_key_names_key_and_file() {
+    let e = parse(&MINIMAL.replace("[output]", "[train]\nlrr = 1\n[output]")).unwrap_err();
+    assert!(
+        e.contains("cfg/x.toml") && e.contains("lrr") && e.contains("train"),
+        "{e}"
+    );
+    let e = parse(&format!("{MINIMAL}\n[bogus]\nx = 1\n")).unwrap_err();
+    assert!(e.contains("bogus"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_key_and_line() {
+    let e = parse(&MINIMAL.replace("[output]", "[train]\nlr = \"fast\"\n[output]")).unwrap_err();
+    assert!(
+        e.contains("cfg/x.toml: train.lr:") && e.contains("line"),
+        "{e}"
+    );
+}
+
+#[test]
+fn impossible_values_are_rejected_with_their_key() {
+    let cases = [
+        ("[train]\nlr = 0.0", "train.lr"),
+        ("[train]\nlr = -1e-3", "train.lr"),
+        ("[lora]\nr = 0", "lora.r"),
+        (
+            "[lora]\ntarget_modules = [\"q_proj\", \"qkv\"]",
+            "lora.target_modules",
+        ),
+        ("[train]\nmicro_batch_size = 0", "train.micro_batch_size"),
+        ("[xtf.kn]\nthreshold = 1.5", "xtf.kn.threshold"),
+        (
+            "[xtf.tr]\nclasses = 3\nfilter_class = 3",
+            "xtf.tr.filter_class",
+        ),
+        ("[xtf.ri]\nlayers = \"some\"", "xtf.ri.layers"),
+    ];
+    for (extra, key) in cases {
+        let e = parse(&MINIMAL.replace("[output]", &format!("{extra}\n[output]"))).unwrap_err();
+        assert!(
+            e.starts_with(&format!("cfg/x.toml: {key}:")),
+            "{extra:?} -> {e}"
+        );
+    }
+    let e = parse(&MINIMAL.replace("path = \"m\"", "path = \"m\"\ndevice = \"tpu\"")).unwrap_err();
+    assert!(e.contains("model.device"), "{e}");
+}
+
+#[test]
+fn missing_required_section_is_named() {
+    let e = parse("[model]\npath = \"m\"\n[output]\ndir = \"o\"\n").unwrap_err();
+    assert!(e.contains("cfg/x.toml") && e.contains("data"), "{e}");
+}
