@@ -27,7 +27,11 @@ const SEQ: usize = 256;
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn peak_rss_mib() -> f64 {
@@ -53,17 +57,39 @@ fn main() -> xtf_train::Result<()> {
         std::path::Path::new("bench"),
     )?;
     let weights = xtf_train::tiny::random_weights(&cfg, 0)?;
-    let mode = if method == "full" { Trainable::Full } else { Trainable::Frozen };
-    let mut model = Model::from_tensors(cfg, weights, DType::F32, &Device::Cpu, mode, std::path::Path::new("bench"))?;
+    let mode = if method == "full" {
+        Trainable::Full
+    } else {
+        Trainable::Frozen
+    };
+    let mut model = Model::from_tensors(
+        cfg,
+        weights,
+        DType::F32,
+        &Device::Cpu,
+        mode,
+        std::path::Path::new("bench"),
+    )?;
     let vars = match mode {
         Trainable::Full => model.vars.clone(),
         Trainable::Frozen => lora::attach(&mut model, &LoraSection::default(), 0)?,
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let examples: Vec<Example> = (0..BATCH).map(|_| Example { ids: (0..SEQ).map(|_| rng.gen_range(0..2048)).collect(), label_start: 1 }).collect();
+    let examples: Vec<Example> = (0..BATCH)
+        .map(|_| Example {
+            ids: (0..SEQ).map(|_| rng.gen_range(0..2048)).collect(),
+            label_start: 1,
+        })
+        .collect();
     let refs: Vec<&Example> = examples.iter().collect();
     let batch = make_batch(&refs, None, 0, &Device::Cpu)?;
-    let mut opt = AdamW::new(vars.clone(), AdamWParams { weight_decay: 0.01, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWParams {
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+    )?;
     let mut step = || -> xtf_train::Result<f64> {
         let (loss, grads) = loss_step(&model, &batch, batch.n_tokens, &mut Fwd::default())?;
         let mut acc = vec![None; vars.len()];
@@ -74,7 +100,10 @@ fn main() -> xtf_train::Result<()> {
     for i in 0..warmup {
         let t = Instant::now();
         let loss = step()?;
-        eprintln!("[bench_rust] warmup {i}: {:.0} ms loss {loss:.4}", t.elapsed().as_secs_f64() * 1e3);
+        eprintln!(
+            "[bench_rust] warmup {i}: {:.0} ms loss {loss:.4}",
+            t.elapsed().as_secs_f64() * 1e3
+        );
     }
     let t = Instant::now();
     let mut loss = 0.0;

@@ -12,6 +12,7 @@ pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod report;
+pub mod score;
 pub mod synth;
 pub mod tiny;
 pub mod tokenizer;

@@ -60,3 +60,17 @@ pub fn progress(len: u64, quiet: bool) -> indicatif::ProgressBar {
     bar.set_style(style);
     bar
 }
+
+/// A counting progress bar (e.g. examples of the scoring pass) with rate and ETA.
+pub fn progress_units(len: u64, unit: &str, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let template = format!("{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit} | {{msg}} | ETA {{eta}}");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}

@@ -1,0 +1,227 @@
+//! The XTF scoring pass (spec: "Knowledge novelty", "Reasoning importance",
+//! "Task relevance"): one teacher-forced forward pass of the *base* model
+//! (adapters off), in f32, producing per label token `S_KN`, `S_RI` and the
+//! raw task-relevance distance `D` (normalised to `S_TR` over the dataset).
+
+use crate::config::{Distance, Layers, RiReduce, XtfSection};
+use crate::data::{make_batch, Example};
+use crate::error::{Error, Result};
+use crate::lora::Fwd;
+use crate::model::Model;
+use candle_core::{DType, Tensor, D};
+use std::time::Instant;
+
+/// Scores of one example, over its label positions in order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TokenScores {
+    pub kn: Vec<f32>,
+    pub ri: Vec<f32>,
+    /// Task-relevance distance `D(O_k)` before min/max normalisation.
+    pub dist: Vec<f32>,
+}
+
+/// The options that change scores (and so key the cache).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreOptions {
+    pub reduce: RiReduce,
+    /// Resolved, sorted, distinct layer indices.
+    pub layers: Vec<usize>,
+    pub distance: Distance,
+    pub batch_size: usize,
+}
+
+impl ScoreOptions {
+    pub fn from_config(x: &XtfSection, num_layers: usize, file: &std::path::Path) -> Result<Self> {
+        Ok(Self {
+            reduce: x.ri.reduce,
+            layers: resolve_layers(&x.ri.layers, num_layers).map_err(|msg| Error::Config {
+                file: file.to_path_buf(),
+                key: "xtf.ri.layers".into(),
+                msg,
+            })?,
+            distance: x.tr.distance,
+            batch_size: x.batch_size,
+        })
+    }
+}
+
+/// `"all"` or indices, negative counting from the end (spec: `ri.layers`).
+pub fn resolve_layers(layers: &Layers, n: usize) -> std::result::Result<Vec<usize>, String> {
+    let mut out: Vec<usize> = match layers {
+        Layers::Named(_) => (0..n).collect(),
+        Layers::List(v) => v
+            .iter()
+            .map(|&i| {
+                let j = if i < 0 { n as i64 + i } else { i };
+                if (0..n as i64).contains(&j) {
+                    Ok(j as usize)
+                } else {
+                    Err(format!(
+                        "layer {i} out of range for a model with {n} layers"
+                    ))
+                }
+            })
+            .collect::<std::result::Result<_, _>>()?,
+    };
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// KN and RI for one batch of examples (spec formulas), per label position.
+pub fn score_batch(
+    model: &Model,
+    examples: &[&Example],
+    opts: &ScoreOptions,
+) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+    let dev = &model.device;
+    let batch = make_batch(examples, None, 0, dev)?;
+    let (b, t) = batch.input.dims2()?;
+    // Row weights w_i: 1 (received_mean) or i+1 (received_relative) for real
+    // query rows, 0 for padding rows, so padded queries never count.
+    let rows: Vec<f32> = examples
+        .iter()
+        .flat_map(|e| {
+            (0..t).map(move |i| match (i < e.ids.len(), opts.reduce) {
+                (false, _) => 0.0,
+                (true, RiReduce::ReceivedMean) => 1.0,
+                (true, RiReduce::ReceivedRelative) => (i + 1) as f32,
+            })
+        })
+        .collect();
+    let rows = Tensor::from_vec(rows, (b, 1, t, 1), dev)?;
+    let mut received: Option<Tensor> = None;
+    // Reduce each layer's (B, H, T, T) to (B, T) as soon as it exists, so at
+    // most one layer's attention matrices are alive.
+    let mut observer = |layer: usize, probs: &Tensor| -> Result<()> {
+        if opts.layers.binary_search(&layer).is_ok() {
+            let r = probs
+                .detach()
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&rows)?
+                .sum(2)?
+                .mean(1)?;
+            received = Some(match received.take() {
+                Some(acc) => (acc + r)?,
+                None => r,
+            });
+        }
+        Ok(())
+    };
+    let logits = model.forward(
+        &batch.input,
+        &mut Fwd {
+            rng: None,
+            no_adapters: true,
+        },
+        Some(&mut observer),
+    )?;
+    let ce = crate::train::token_ce(&logits.detach().to_dtype(DType::F32)?, &batch.targets)?
+        .to_vec2::<f32>()?;
+    let received = match received {
+        Some(r) => (r / opts.layers.len() as f64)?.to_vec2::<f32>()?,
+        None => {
+            return Err(Error::Msg(
+                "no layer selected for reasoning importance".into(),
+            ))
+        }
+    };
+    Ok(examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let len = e.ids.len();
+            let kn = (e.label_start..len)
+                .map(|p| 1.0 - (-ce[i][p - 1]).exp())
+                .collect();
+            let ri = (e.label_start..len)
+                .map(|p| received[i][p] / (len - p) as f32)
+                .collect();
+            (kn, ri)
+        })
+        .collect())
+}
+
+/// The domain vector `V = 1/W Σ_w (1/T_w Σ_{t∈x_w} E(t))`, written as `cᵀE`
+/// with `c_t = 1/W Σ_w count_w(t)/T_w`, so it costs one (vocab × H) product.
+pub fn domain_vector(model: &Model, examples: &[&Example]) -> Result<Tensor> {
+    let vocab = model.cfg.vocab_size;
+    let mut c = vec![0f64; vocab];
+    let w = examples.len() as f64;
+    for e in examples {
+        let inv = 1.0 / (e.ids.len() as f64 * w);
+        for &id in &e.ids {
+            c[id as usize] += inv;
+        }
+    }
+    let c = Tensor::from_vec(c, (1, vocab), &model.device)?;
+    let emb = model.embeddings().to_dtype(DType::F64)?;
+    Ok(c.matmul(&emb)?.squeeze(0)?.to_dtype(DType::F32)?)
+}
+
+/// `D(t)` for every token id: `1 - cos(E(t), V)` (0-norm row: cos = 0) or
+/// `||E(t) - V||_2`.
+pub fn token_distances(model: &Model, v: &Tensor, distance: Distance) -> Result<Vec<f32>> {
+    let emb = model.embeddings().to_dtype(DType::F32)?;
+    let v = v.to_dtype(DType::F32)?.unsqueeze(0)?;
+    let d = match distance {
+        Distance::Euclidean => emb.broadcast_sub(&v)?.sqr()?.sum(D::Minus1)?.sqrt()?,
+        Distance::Cosine => {
+            let dot = emb.broadcast_mul(&v)?.sum(D::Minus1)?;
+            let norms = (emb.sqr()?.sum(D::Minus1)?.sqrt()?
+                * v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)?;
+            let dot = dot.to_vec1::<f32>()?;
+            let norms = norms.to_vec1::<f32>()?;
+            let d: Vec<f32> = dot
+                .iter()
+                .zip(&norms)
+                .map(|(&x, &n)| if n > 0.0 { 1.0 - x / n } else { 1.0 })
+                .collect();
+            return Ok(d);
+        }
+    };
+    Ok(d.to_vec1::<f32>()?)
+}
+
+/// Score a whole dataset. Examples run in length-sorted batches (less
+/// padding); results come back in dataset order.
+pub fn score_dataset(
+    model: &Model,
+    examples: &[Example],
+    opts: &ScoreOptions,
+    quiet: bool,
+) -> Result<Vec<TokenScores>> {
+    let refs: Vec<&Example> = examples.iter().collect();
+    let v = domain_vector(model, &refs)?;
+    let dist = token_distances(model, &v, opts.distance)?;
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| examples[i].ids.len());
+    let mut out = vec![TokenScores::default(); examples.len()];
+    let bar = crate::report::progress_units(examples.len() as u64, "examples", quiet);
+    let (start, mut tokens) = (Instant::now(), 0usize);
+    for chunk in order.chunks(opts.batch_size.max(1)) {
+        let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
+        for (&i, (kn, ri)) in chunk.iter().zip(score_batch(model, &batch, opts)?) {
+            let e = &examples[i];
+            let d = e.ids[e.label_start..]
+                .iter()
+                .map(|&id| dist[id as usize])
+                .collect();
+            out[i] = TokenScores { kn, ri, dist: d };
+            tokens += e.ids.len();
+        }
+        bar.inc(chunk.len() as u64);
+        bar.set_message(format!(
+            "{:.0} tok/s",
+            tokens as f64 / start.elapsed().as_secs_f64()
+        ));
+    }
+    bar.finish_and_clear();
+    tracing::info!(
+        "scoring pass: {} examples, {tokens} tokens in {:.1}s ({:.0} tok/s)",
+        examples.len(),
+        start.elapsed().as_secs_f64(),
+        tokens as f64 / start.elapsed().as_secs_f64()
+    );
+    Ok(out)
+}

@@ -1,0 +1,136 @@
+//! Per-token XTF scores against HF transformers (eager attention) on the
+//! committed fixtures: KN from the logits, RI from `output_attentions` in
+//! float64 loops, TR from the input embeddings (scripts/make_fixtures.py).
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use xtf_train::config::{Distance, Layers, RiReduce};
+use xtf_train::data::Example;
+use xtf_train::model::{Model, Trainable};
+use xtf_train::score::{domain_vector, resolve_layers, score_batch, token_distances, ScoreOptions};
+
+fn fixture(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(family)
+}
+
+fn load(family: &str) -> (Model, HashMap<String, Tensor>, Vec<Example>) {
+    let model = Model::load(
+        &fixture(family),
+        DType::F32,
+        &Device::Cpu,
+        Trainable::Frozen,
+    )
+    .unwrap();
+    let r =
+        candle_core::safetensors::load(fixture(family).join("reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ids = r["input_ids"].to_vec2::<i64>().unwrap();
+    let lens = r["lengths"].to_vec1::<i64>().unwrap();
+    // Every position after the first is a "label" so all of them are scored.
+    let ex = ids
+        .iter()
+        .zip(&lens)
+        .map(|(row, &n)| Example {
+            ids: row[..n as usize].iter().map(|&x| x as u32).collect(),
+            label_start: 1,
+        })
+        .collect();
+    (model, r, ex)
+}
+
+fn assert_close(family: &str, what: &str, ours: &[f32], theirs: &[f32], tol: f32) {
+    assert_eq!(ours.len(), theirs.len());
+    for (k, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{family} {what}[{k}]: ours {a} vs HF {b}"
+        );
+    }
+}
+
+#[test]
+fn kn_and_ri_match_transformers() {
+    let variants = [
+        (
+            "ri_mean_all",
+            RiReduce::ReceivedMean,
+            Layers::Named("all".into()),
+        ),
+        (
+            "ri_relative_all",
+            RiReduce::ReceivedRelative,
+            Layers::Named("all".into()),
+        ),
+        (
+            "ri_mean_last",
+            RiReduce::ReceivedMean,
+            Layers::List(vec![-1]),
+        ),
+        ("ri_mean_l0", RiReduce::ReceivedMean, Layers::List(vec![0])),
+    ];
+    for family in ["llama", "qwen2", "mistral"] {
+        let (model, r, ex) = load(family);
+        let refs: Vec<&Example> = ex.iter().collect();
+        for (key, reduce, layers) in &variants {
+            let opts = ScoreOptions {
+                reduce: *reduce,
+                layers: resolve_layers(layers, model.cfg.num_layers).unwrap(),
+                distance: Distance::Cosine,
+                batch_size: 2,
+            };
+            // Scored as one padded batch: padding must not leak into RI.
+            let scores = score_batch(&model, &refs, &opts).unwrap();
+            for (b, (kn, ri)) in scores.iter().enumerate() {
+                let len = ex[b].ids.len();
+                let want_kn = r["kn"].get(b).unwrap().to_vec1::<f32>().unwrap();
+                let want_ri = r[*key].get(b).unwrap().to_vec1::<f32>().unwrap();
+                assert_close(family, "kn", kn, &want_kn[1..len], 1e-5);
+                assert_close(family, key, ri, &want_ri[1..len], 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn tr_distances_match_transformers() {
+    for family in ["llama", "qwen2", "mistral"] {
+        let (model, r, ex) = load(family);
+        let refs: Vec<&Example> = ex.iter().collect();
+        let v = domain_vector(&model, &refs).unwrap();
+        assert_close(
+            family,
+            "V",
+            &v.to_vec1::<f32>().unwrap(),
+            &r["tr_v"].to_vec1::<f32>().unwrap(),
+            1e-5,
+        );
+        for (dist, key) in [
+            (Distance::Cosine, "tr_dist_cos"),
+            (Distance::Euclidean, "tr_dist_euclid"),
+        ] {
+            let d = token_distances(&model, &v, dist).unwrap();
+            for (b, e) in ex.iter().enumerate() {
+                let ours: Vec<f32> = e.ids.iter().map(|&id| d[id as usize]).collect();
+                let want = r[key].get(b).unwrap().to_vec1::<f32>().unwrap();
+                assert_close(family, key, &ours, &want[..e.ids.len()], 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn layer_selection_resolves_negative_indices_and_rejects_out_of_range() {
+    assert_eq!(
+        resolve_layers(&Layers::List(vec![-1, 0, 5, 0]), 12).unwrap(),
+        vec![0, 5, 11]
+    );
+    assert_eq!(
+        resolve_layers(&Layers::Named("all".into()), 3).unwrap(),
+        vec![0, 1, 2]
+    );
+    assert!(resolve_layers(&Layers::List(vec![12]), 12).is_err());
+    assert!(resolve_layers(&Layers::List(vec![-13]), 12).is_err());
+}
