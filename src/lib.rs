@@ -4,18 +4,24 @@
 //! The maths of the three token attributes, the filters and the masked loss is
 //! specified in `../shared/xtf-spec.md`; code cites its sections.
 
+pub mod cache;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod filter;
+pub mod html;
 pub mod io;
 pub mod lora;
+pub mod mask;
 pub mod model;
 pub mod optim;
 pub mod report;
 pub mod score;
+pub mod summary;
 pub mod synth;
 pub mod tiny;
 pub mod tokenizer;
 pub mod train;
+pub mod xtf;
 
 pub use error::{Error, Result};

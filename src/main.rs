@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use xtf_train::{config::Config, tiny, train};
+use xtf_train::{config::Config, tiny, train, xtf};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -23,14 +23,19 @@ struct Cli {
     /// No progress bar; plain log lines (for CI).
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Recompute XTF scores even when the cache matches.
+    #[arg(long, global = true)]
+    rescore: bool,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Fine-tune per the config.
+    /// Fine-tune per the config (with the XTF mask when [xtf] is enabled).
     Train,
+    /// Run only the XTF scoring pass: scores.jsonl, xtf_summary.json, report.html.
+    Score,
     /// Create the embedded tiny model, tokenizer and dataset (offline, deterministic).
     InitTiny {
         #[arg(long)]
@@ -63,10 +68,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.cmd {
         Some(Cmd::InitTiny { out }) => tiny::init(&out, &tiny::TinySpec::default())?,
-        Some(Cmd::Train) | None => {
+        Some(Cmd::Score) => {
             let cfg = config()?;
             let setup = train::setup(&cfg)?;
-            train::train(&cfg, setup, None, cli.quiet)?;
+            xtf::prepare(&cfg, &setup, cli.rescore, cli.quiet)?;
+        }
+        Some(Cmd::Train) | None => {
+            let cfg = config()?;
+            let mut setup = train::setup(&cfg)?;
+            // XTF: score with the base model first, then train on the mask.
+            let run = match cfg.xtf_enabled() {
+                true => Some(xtf::prepare(&cfg, &setup, cli.rescore, cli.quiet)?),
+                false => None,
+            };
+            let masks = run.as_ref().map(|r| r.mask.keep.clone());
+            let report = train::train(&cfg, &mut setup, masks, cli.quiet)?;
+            if let Some(r) = &run {
+                xtf::write_report(&cfg, &setup, r, &report.metrics)?;
+            }
         }
     }
     Ok(())

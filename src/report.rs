@@ -27,6 +27,7 @@ pub struct StepMetrics {
 pub struct Metrics {
     path: PathBuf,
     text: String,
+    pub lines: Vec<StepMetrics>,
 }
 
 impl Metrics {
@@ -34,6 +35,7 @@ impl Metrics {
         Self {
             path,
             text: String::new(),
+            lines: Vec::new(),
         }
     }
 
@@ -42,6 +44,7 @@ impl Metrics {
             serde_json::to_string(&m).map_err(|e| crate::error::Error::Msg(e.to_string()))?;
         self.text.push_str(&line);
         self.text.push('\n');
+        self.lines.push(m);
         crate::io::write_atomic(&self.path, self.text.as_bytes())
     }
 }

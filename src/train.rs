@@ -194,10 +194,11 @@ pub struct TrainReport {
     pub eval_loss: Option<f64>,
     pub tokens_per_s: f64,
     pub output_dir: PathBuf,
+    pub metrics: Vec<crate::report::StepMetrics>,
 }
 
 /// Train per the config and write every output to `output.dir`.
-pub fn train(cfg: &Config, mut s: Setup, masks: Masks, quiet: bool) -> Result<TrainReport> {
+pub fn train(cfg: &Config, s: &mut Setup, masks: Masks, quiet: bool) -> Result<TrainReport> {
     let t = &cfg.train;
     let out = &cfg.output.dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -297,7 +298,7 @@ pub fn train(cfg: &Config, mut s: Setup, masks: Masks, quiet: bool) -> Result<Tr
     }
     bar.finish_and_clear();
     let elapsed = started.elapsed().as_secs_f64();
-    save_outputs(cfg, &mut s)?;
+    save_outputs(cfg, s)?;
     let report = TrainReport {
         steps: plan.steps,
         skipped_steps: skipped,
@@ -306,6 +307,7 @@ pub fn train(cfg: &Config, mut s: Setup, masks: Masks, quiet: bool) -> Result<Tr
         eval_loss: eval,
         tokens_per_s: tokens_seen as f64 / elapsed.max(1e-9),
         output_dir: out.clone(),
+        metrics: metrics.lines,
     };
     tracing::info!(
         "done: {} steps ({} skipped) in {elapsed:.1}s | loss {first_loss:.4} -> {last_loss:.4} | eval_loss {} | {:.0} tok/s | outputs in {}",

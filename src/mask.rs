@@ -1,0 +1,126 @@
+//! From scores to the loss mask (spec: the three filters and "Noise set and
+//! loss mask"). Dataset-level cut-offs are recomputed from the (cached)
+//! scores on every run, so changing a filter option never rescored.
+
+use crate::config::XtfSection;
+use crate::data::Example;
+use crate::filter::{iqr_fence, otsu_class, threshold_multiotsu, IqrFence};
+use crate::score::TokenScores;
+
+/// Histogram bins for Multi-Otsu (spec: "a 256-bin histogram").
+pub const OTSU_BINS: usize = 256;
+
+/// The dataset-level cut-offs of one run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Cutoffs {
+    /// RI quartiles and lower fence; `None` with no label token at all.
+    pub ri: Option<IqrFence>,
+    pub kn_threshold: f64,
+    /// Min and max of the raw distance `D` (S_TR normalisation).
+    pub tr_dmin: f64,
+    pub tr_dmax: f64,
+    /// Multi-Otsu thresholds on S_TR, ascending; empty when not applicable.
+    pub tr_thresholds: Vec<f64>,
+    /// Why TR flags nothing, when it cannot threshold.
+    pub tr_warning: Option<String>,
+}
+
+/// Per-example, per-label-token flags and the final keep mask.
+#[derive(Debug, Clone, PartialEq)]
+pub struct XtfMask {
+    pub s_tr: Vec<Vec<f32>>,
+    pub noise_ri: Vec<Vec<bool>>,
+    pub noise_kn: Vec<Vec<bool>>,
+    pub noise_tr: Vec<Vec<bool>>,
+    /// `true` = the token's loss counts.
+    pub keep: Vec<Vec<bool>>,
+    /// Whether each example's last label token is EOS (not cut by truncation).
+    pub ends_with_eos: Vec<bool>,
+    pub cutoffs: Cutoffs,
+}
+
+/// `noisy = (ri.enabled & RI-low) | (kn.enabled & KN-low) | (tr.enabled & TR-low)`
+pub fn noisy(enabled: [bool; 3], low: [bool; 3]) -> bool {
+    enabled.iter().zip(low).any(|(&e, l)| e && l)
+}
+
+/// `S_TR = 1 - (D - Dmin) / (Dmax - Dmin)`, all 1 when `Dmax == Dmin`.
+pub fn normalise_tr(dist: &[Vec<f32>]) -> (Vec<Vec<f32>>, f64, f64) {
+    let all = dist.iter().flatten();
+    let dmin = all.clone().fold(f32::INFINITY, |a, &b| a.min(b)) as f64;
+    let dmax = all.fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let s = dist
+        .iter()
+        .map(|row| {
+            row.iter()
+                .map(|&d| {
+                    if dmax > dmin {
+                        (1.0 - (d as f64 - dmin) / (dmax - dmin)) as f32
+                    } else {
+                        1.0
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    (s, dmin, dmax)
+}
+
+/// Flag every label token and build the keep mask.
+pub fn build(scores: &[TokenScores], examples: &[Example], x: &XtfSection, eos: u32) -> XtfMask {
+    let ri_all: Vec<f32> = scores.iter().flat_map(|s| s.ri.iter().copied()).collect();
+    let ri = iqr_fence(&ri_all, x.ri.iqr_factor);
+    let (s_tr, dmin, dmax) =
+        normalise_tr(&scores.iter().map(|s| s.dist.clone()).collect::<Vec<_>>());
+    let tr_all: Vec<f32> = s_tr.iter().flatten().copied().collect();
+    let (tr_thresholds, tr_warning) = match threshold_multiotsu(&tr_all, x.tr.classes, OTSU_BINS) {
+        Ok(t) => (t, None),
+        Err(e) => (
+            Vec::new(),
+            Some(format!("task relevance flags nothing: {e}")),
+        ),
+    };
+    let fence = ri.as_ref().map_or(f64::NEG_INFINITY, |f| f.fence);
+    let enabled = [x.ri.enabled, x.kn.enabled, x.tr.enabled];
+    let mut m = XtfMask {
+        s_tr: s_tr.clone(),
+        noise_ri: Vec::new(),
+        noise_kn: Vec::new(),
+        noise_tr: Vec::new(),
+        keep: Vec::new(),
+        ends_with_eos: examples
+            .iter()
+            .map(|e| e.ids.last() == Some(&eos) && e.n_labels() > 0)
+            .collect(),
+        cutoffs: Cutoffs {
+            ri,
+            kn_threshold: x.kn.threshold,
+            tr_dmin: dmin,
+            tr_dmax: dmax,
+            tr_thresholds: tr_thresholds.clone(),
+            tr_warning,
+        },
+    };
+    for (i, s) in scores.iter().enumerate() {
+        let n = s.kn.len();
+        let ri_low: Vec<bool> = s.ri.iter().map(|&v| (v as f64) < fence).collect();
+        let kn_low: Vec<bool> = s.kn.iter().map(|&v| (v as f64) < x.kn.threshold).collect();
+        let tr_low: Vec<bool> = s_tr[i]
+            .iter()
+            .map(|&v| {
+                !tr_thresholds.is_empty() && otsu_class(v, &tr_thresholds) == x.tr.filter_class
+            })
+            .collect();
+        let keep = (0..n)
+            .map(|k| {
+                let protected = x.protect_eos && k + 1 == n && m.ends_with_eos[i];
+                protected || !noisy(enabled, [ri_low[k], kn_low[k], tr_low[k]])
+            })
+            .collect();
+        m.noise_ri.push(ri_low);
+        m.noise_kn.push(kn_low);
+        m.noise_tr.push(tr_low);
+        m.keep.push(keep);
+    }
+    m
+}

@@ -1,0 +1,107 @@
+//! The XTF stage of a run: scores (cached), cut-offs, mask, and the
+//! explainability outputs `scores.jsonl`, `xtf_summary.json`, `report.html`.
+
+use crate::cache;
+use crate::config::{Config, XtfSection};
+use crate::error::{Error, Result};
+use crate::html::{self, ReportInput};
+use crate::mask::{self, XtfMask};
+use crate::report::StepMetrics;
+use crate::score::{self, ScoreOptions, TokenScores};
+use crate::summary::Summary;
+use crate::train::Setup;
+use std::fmt::Write;
+use std::path::Path;
+
+/// Scores, mask and summary of one run.
+pub struct XtfRun {
+    pub scores: Vec<TokenScores>,
+    pub mask: XtfMask,
+    pub summary: Summary,
+    /// Whether the scores came from the cache.
+    pub reused: bool,
+}
+
+fn section(cfg: &Config) -> Result<&XtfSection> {
+    cfg.xtf.as_ref().ok_or_else(|| Error::Config {
+        file: cfg.source.clone(),
+        key: "xtf".into(),
+        msg: "this command needs an [xtf] section".into(),
+    })
+}
+
+/// Score (or reuse cached scores), build the mask, write the outputs.
+pub fn prepare(cfg: &Config, s: &Setup, rescore: bool, quiet: bool) -> Result<XtfRun> {
+    let x = section(cfg)?;
+    let out = &cfg.output.dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let opts = ScoreOptions::from_config(x, s.model.cfg.num_layers, &cfg.source)?;
+    let key = cache::key(cfg, &s.model_dir, &s.train, &opts)?;
+    let path = out.join(cache::CACHE_FILE);
+    let cached = if rescore {
+        None
+    } else {
+        cache::load(&path, &key, s.train.len())
+    };
+    let reused = cached.is_some();
+    let scores = match cached {
+        Some(sc) => {
+            tracing::info!("reusing cached scores from {}", path.display());
+            sc
+        }
+        None => {
+            let sc = score::score_dataset(&s.model, &s.train, &opts, quiet)?;
+            cache::save(&path, &key, &sc)?;
+            sc
+        }
+    };
+    let mask = mask::build(&scores, &s.train, x, s.tok.eos);
+    let summary = Summary::compute(&mask, &s.train, x, &s.tok);
+    tracing::info!("{}", summary.table());
+    let run = XtfRun {
+        scores,
+        mask,
+        summary,
+        reused,
+    };
+    write_scores_jsonl(&out.join("scores.jsonl"), s, &run)?;
+    crate::io::write_json(&out.join("xtf_summary.json"), &run.summary)?;
+    write_report(cfg, s, &run, &[])?;
+    Ok(run)
+}
+
+/// One line per training example; arrays run over the label positions.
+fn write_scores_jsonl(path: &Path, s: &Setup, r: &XtfRun) -> Result<()> {
+    let mut text = String::new();
+    for (i, e) in s.train.iter().enumerate() {
+        let line = serde_json::json!({
+            "index": i,
+            "ids": e.ids,
+            "label_start": e.label_start,
+            "kn": r.scores[i].kn,
+            "ri": r.scores[i].ri,
+            "tr": r.mask.s_tr[i],
+            "noise_ri": r.mask.noise_ri[i],
+            "noise_kn": r.mask.noise_kn[i],
+            "noise_tr": r.mask.noise_tr[i],
+            "mask": r.mask.keep[i].iter().map(|&k| k as u8).collect::<Vec<u8>>(),
+        });
+        let _ = writeln!(text, "{line}");
+    }
+    crate::io::write_atomic(path, text.as_bytes())
+}
+
+/// (Re)write `report.html`, with the loss curve once metrics exist.
+pub fn write_report(cfg: &Config, s: &Setup, r: &XtfRun, metrics: &[StepMetrics]) -> Result<()> {
+    let title = format!("XTF report — {}", cfg.data.train.display());
+    let page = html::render(&ReportInput {
+        summary: &r.summary,
+        mask: &r.mask,
+        scores: &r.scores,
+        examples: &s.train,
+        tok: &s.tok,
+        metrics,
+        title: &title,
+    });
+    crate::io::write_atomic(&cfg.output.dir.join("report.html"), page.as_bytes())
+}
