@@ -45,6 +45,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() -> xtf_train::Result<()> {
+    xtf_train::io::keep_freed_pages();
     let method = arg("--method", "lora");
     let steps: usize = arg("--steps", "5").parse().unwrap_or(5);
     let warmup: usize = arg("--warmup", "2").parse().unwrap_or(2);

@@ -56,3 +56,15 @@ pub fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
     let bytes = std::fs::read(src).map_err(|e| Error::io(src, e))?;
     write_atomic(dst, &bytes)
 }
+
+/// Keep freed pages in the process. candle allocates and frees
+/// activation-sized buffers on every op; mimalloc's default 10 ms purge hands
+/// them back to the OS and the next op page-faults them in again (perf showed
+/// ~15% of a CPU training step in the kernel's `clear_page`). Call once at
+/// start-up from binaries that use mimalloc as the global allocator.
+pub fn keep_freed_pages() {
+    /// `mi_option_purge_delay` in mimalloc v2's `mi_option_e` (not exported by the -sys crate).
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: setting an allocator option is thread-safe and takes plain integers.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}

@@ -44,6 +44,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    xtf_train::io::keep_freed_pages();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -459,8 +459,8 @@ impl Model {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = candle_nn::rotary_emb::rope_slow(&heads(&a.q, c.num_heads, fwd)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&heads(&a.k, c.num_kv_heads, fwd)?, cos, sin)?;
+        let q = rope(&heads(&a.q, c.num_heads, fwd)?, cos, sin)?;
+        let k = rope(&heads(&a.k, c.num_kv_heads, fwd)?, cos, sin)?;
         let v = heads(&a.v, c.num_kv_heads, fwd)?;
         let rep = c.num_heads / c.num_kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
@@ -478,7 +478,8 @@ impl Model {
         Ok((a.o.forward(&y, fwd)?, probs))
     }
 
-    /// cos/sin tables (T, head_dim/2) in the weight dtype.
+    /// cos/sin tables (1, 1, T, head_dim) in the weight dtype, built once per
+    /// forward for every layer (each half repeats the frequencies, as HF does).
     fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
         let pos = Tensor::arange(0u32, t as u32, &self.device)?
             .to_dtype(DType::F32)?
@@ -486,9 +487,12 @@ impl Model {
         let freqs = pos
             .broadcast_mul(&self.inv_freq.reshape((1, ()))?)?
             .to_dtype(self.compute_dtype())?;
+        let emb = Tensor::cat(&[&freqs, &freqs], 1)?
+            .unsqueeze(0)?
+            .unsqueeze(0)?;
         Ok((
-            freqs.cos()?.to_dtype(self.dtype)?,
-            freqs.sin()?.to_dtype(self.dtype)?,
+            emb.cos()?.to_dtype(self.dtype)?,
+            emb.sin()?.to_dtype(self.dtype)?,
         ))
     }
 
@@ -523,6 +527,17 @@ impl Layer {
             ("mlp", "down_proj", &self.mlp.down),
         ]
     }
+}
+
+/// Rotary embedding, non-interleaved (HF `rotate_half`): `x cos + rot(x) sin`.
+/// Same maths as candle's `rope_slow` (differentiable, unlike the fused
+/// `rope`), with the tables prepared once per forward instead of per call.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
 /// RMSNorm in f32, differentiable (candle's fused rms_norm has no backward).

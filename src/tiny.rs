@@ -38,8 +38,8 @@ impl Default for TinySpec {
             n_test: 100,
             n_pretrain: 1200,
             vocab_size: 512,
-            pretrain_steps: 240,
-            pretrain_batch: 16,
+            pretrain_steps: 160,
+            pretrain_batch: 12,
             pretrain_lr: 3e-3,
         }
     }

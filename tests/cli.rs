@@ -78,6 +78,15 @@ fn tiny_default_trains_and_writes_every_output() {
     for key in ["step", "lr", "grad_norm", "tokens_per_s"] {
         assert!(last.get(key).is_some(), "metrics line lacks {key}");
     }
+    // XTF ran (configs/tiny.toml enables it): its outputs exist.
+    for f in [
+        "scores.jsonl",
+        "xtf_summary.json",
+        "report.html",
+        "xtf_scores.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
     // No temp files left behind by the atomic writes.
     let leftovers: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
@@ -232,4 +241,119 @@ fn missing_config_file_fails() {
         .unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("/nonexistent/x.toml"));
+}
+
+#[test]
+fn scores_jsonl_and_summary_follow_the_schema() {
+    let out = tiny_run().join("runs/tiny/out");
+    let train = std::fs::read_to_string(tiny_run().join("runs/tiny/data/train.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("scores.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), train.lines().count());
+    let (mut masked, mut total) = (0usize, 0usize);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["index"], i);
+        let ids = l["ids"].as_array().unwrap();
+        let n = ids.len() - l["label_start"].as_u64().unwrap() as usize;
+        for key in ["kn", "ri", "tr", "noise_ri", "noise_kn", "noise_tr", "mask"] {
+            assert_eq!(
+                l[key].as_array().unwrap().len(),
+                n,
+                "example {i}: {key} must cover the label positions"
+            );
+        }
+        for k in 0..n {
+            let kn = l["kn"][k].as_f64().unwrap();
+            let tr = l["tr"][k].as_f64().unwrap();
+            assert!(
+                (0.0..=1.0).contains(&kn)
+                    && (0.0..=1.0).contains(&tr)
+                    && l["ri"][k].as_f64().unwrap() >= 0.0
+            );
+            // KN flag is exactly S_KN < 0.05 (configs/tiny.toml); mask = not any enabled flag.
+            assert_eq!(l["noise_kn"][k].as_bool().unwrap(), kn < 0.05);
+            let any = ["noise_ri", "noise_kn", "noise_tr"]
+                .iter()
+                .any(|f| l[*f][k].as_bool().unwrap());
+            assert_eq!(l["mask"][k].as_u64().unwrap() == 0, any);
+            masked += any as usize;
+        }
+        total += n;
+    }
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("xtf_summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(s["label_tokens"], total);
+    assert_eq!(s["masked"], masked);
+    for key in ["ri", "kn", "tr"] {
+        assert!(s[key]["share"].as_f64().is_some() && s[key]["enabled"].as_bool().is_some());
+    }
+    assert_eq!(s["overlaps"].as_array().unwrap().len(), 4);
+    assert!(s["cutoffs"]["ri"]["fence"].as_f64().is_some());
+    assert!(s["eos_masked_share"].as_f64().is_some());
+    assert!(!s["top_masked"].as_array().unwrap().is_empty());
+    // The pre-trained tiny model is confident on much of the data: KN must bite.
+    assert!(s["kn"]["share"].as_f64().unwrap() > 0.05);
+}
+
+#[test]
+fn report_html_renders_in_headless_chromium() {
+    let out = tiny_run().join("runs/tiny/out");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        html.contains("<svg") && html.contains("Training loss") && html.contains("polyline"),
+        "report lacks charts or the loss curve"
+    );
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "report must be self-contained"
+    );
+    let chromium = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    let Some(chromium) = chromium else {
+        eprintln!("skipping the render check: no chromium on PATH (apt-get install chromium)");
+        return;
+    };
+    let png = out.join("report.png");
+    let profile = tempfile::tempdir().unwrap();
+    let status = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=1300,2400",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("file://{}", out.join("report.html").display()))
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // A blank page compresses to a few KB; the report's charts and coloured tokens do not.
+    assert!(
+        bytes.len() > 50_000,
+        "screenshot suspiciously small ({} bytes)",
+        bytes.len()
+    );
 }
