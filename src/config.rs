@@ -69,6 +69,11 @@ pub struct ModelSection {
     /// cpu | cuda | cuda:N | metal
     #[serde(default = "default_device")]
     pub device: String,
+    /// CPU threads for candle's kernels (sets RAYON_NUM_THREADS unless the
+    /// environment already does). Tiny models run faster on 1: per-op
+    /// fan-out costs more than it saves, and badly so on a busy machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_threads: Option<usize>,
     /// If set and `path` has no weights yet, `init-tiny` creates the embedded
     /// tiny model and data in this directory first (offline default).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -99,8 +99,19 @@ impl NoisyResponse {
 /// `n` problems from one seeded stream. Problems are drawn in order, so
 /// `generate_problems(n, s)` is a prefix of `generate_problems(m, s)` for m > n.
 pub fn generate_problems(n: usize, seed: u64) -> Vec<Problem> {
+    let all: Vec<usize> = (0..N_FAMILIES).collect();
+    generate_problems_in(n, seed, &all)
+}
+
+/// Number of problem families (wages, discounts, distances, ...).
+pub const N_FAMILIES: usize = 12;
+
+/// Like [`generate_problems`], drawing only from the given family indices
+/// (`< N_FAMILIES`). The tiny base model is pre-trained on a subset so that
+/// fine-tuning on all families has something new to teach.
+pub fn generate_problems_in(n: usize, seed: u64, families: &[usize]) -> Vec<Problem> {
     let mut g = Gen(ChaCha8Rng::seed_from_u64(seed));
-    (0..n).map(|_| g.problem()).collect()
+    (0..n).map(|_| g.problem(families)).collect()
 }
 
 /// A family's output before the shared response scaffolding is added.
@@ -221,8 +232,8 @@ impl Gen {
         }
     }
 
-    fn problem(&mut self) -> Problem {
-        let families: [fn(&mut Gen) -> Draft; 12] = [
+    fn problem(&mut self, allowed: &[usize]) -> Problem {
+        let families: [fn(&mut Gen) -> Draft; N_FAMILIES] = [
             fam_fraction,
             fam_change,
             fam_wage,
@@ -236,7 +247,15 @@ impl Gen {
             fam_percent_group,
             fam_production,
         ];
-        let draft = self.pick(&families)(self);
+        let pool: Vec<fn(&mut Gen) -> Draft> = allowed
+            .iter()
+            .filter_map(|&i| families.get(i).copied())
+            .collect();
+        let draft = self.pick(if pool.is_empty() {
+            &families[..]
+        } else {
+            &pool
+        })(self);
         self.assemble(draft)
     }
 

@@ -67,9 +67,15 @@ fn tiny_default_trains_and_writes_every_output() {
     }
     let m = metrics(&out.join("metrics.jsonl"));
     let loss = |v: &serde_json::Value| v["loss"].as_f64().unwrap();
-    let first = loss(&m[0]);
-    let tail: f64 = m[m.len() - 3..].iter().map(loss).sum::<f64>() / 3.0;
-    assert!(tail < 0.8 * first, "loss did not fall: {first} -> {tail}");
+    // Per-step losses are noisy (16 examples a step): compare window means.
+    let first: f64 = m[..3].iter().map(loss).sum::<f64>() / 3.0;
+    let tail: f64 = m[m.len() - 5..].iter().map(loss).sum::<f64>() / 5.0;
+    assert!(tail < 0.85 * first, "loss did not fall: {first} -> {tail}");
+    let evals: Vec<f64> = m.iter().filter_map(|v| v["eval_loss"].as_f64()).collect();
+    assert!(
+        evals.len() >= 2 && evals.last() < evals.first(),
+        "eval loss did not fall: {evals:?}"
+    );
     let last = m.last().unwrap();
     assert!(
         last["eval_loss"].as_f64().unwrap().is_finite(),
