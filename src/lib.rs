@@ -14,6 +14,7 @@ pub mod io;
 pub mod lora;
 pub mod mask;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod report;
 pub mod score;

@@ -470,7 +470,7 @@ impl Model {
         let scores = (q.matmul(&k.t()?)? * scale)?
             .to_dtype(self.compute_dtype())?
             .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = crate::ops::softmax_last_dim(&scores)?;
         let y = probs.to_dtype(self.dtype)?.matmul(&v)?;
         let y = y
             .transpose(1, 2)?

@@ -8,7 +8,7 @@ use crate::lora::{self, Fwd};
 use crate::model::{self, Model, Trainable};
 use crate::optim::{lr_at, AdamW, AdamWParams};
 use crate::tokenizer::Tok;
-use candle_core::{Tensor, Var, D};
+use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -17,7 +17,7 @@ use std::time::Instant;
 
 /// Per-position cross-entropy (B, T) in f32 of `logits` against `targets`.
 pub fn token_ce(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let logp = crate::ops::log_softmax_last_dim(logits)?;
     Ok(logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?.neg()?)
 }
 
