@@ -304,6 +304,14 @@ def make_family(family, seed):
         "ri_mean_last": torch.from_numpy(ri_scores(attns, lengths, [-1], relative=False)),
         "ri_mean_l0": torch.from_numpy(ri_scores(attns, lengths, [0], relative=False)),
     }
+    # Greedy generation (no sampling, no early stop): 10 new tokens after the
+    # first 7 ids of row 0, with transformers' KV-cache generate().
+    prompt = ids[:1, :7]
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, min_new_tokens=10,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref["greedy_prompt"] = prompt[0].clone()
+    ref["greedy_output"] = out[0, 7:].clone()
     cos_d, euc_d, V = tr_scores(model.get_input_embeddings().weight.detach(), ids, lengths)
     ref["tr_dist_cos"] = torch.from_numpy(cos_d)
     ref["tr_dist_euclid"] = torch.from_numpy(euc_d)

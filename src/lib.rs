@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod filter;
+pub mod gen;
 pub mod html;
 pub mod io;
 pub mod lora;

@@ -227,6 +227,31 @@ impl Layer {
     }
 }
 
+/// Keys and values of past positions, per layer, for generation.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(model: &Model) -> Self {
+        Self {
+            layers: vec![None; model.cfg.num_layers],
+        }
+    }
+
+    /// Cached positions (keys) so far.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Which weights train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trainable {
@@ -410,7 +435,52 @@ impl Model {
         &self,
         ids: &Tensor,
         fwd: &mut Fwd,
+        observer: Option<&mut AttnObserver>,
+    ) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        let (cos, sin) =
+            self.rope_tables(&Tensor::arange(0u32, t as u32, &self.device)?.unsqueeze(0)?)?;
+        let mask = self.attn_mask(t)?;
+        self.decode(ids, &cos, &sin, &mask, fwd, observer, None)
+    }
+
+    /// Logits (B, t, vocab) for `ids` (B, t) continuing `cache`: `pos` (B, t)
+    /// holds each token's position (rows may be left-padded) and `mask`
+    /// (B, 1, t, past + t) is additive (0 / -inf) over cached + new keys.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        pos: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (cos, sin) = self.rope_tables(pos)?;
+        let mask = mask.to_dtype(self.compute_dtype())?;
+        let h = self.decode(
+            ids,
+            &cos,
+            &sin,
+            &mask,
+            &mut Fwd::default(),
+            None,
+            Some(cache),
+        )?;
+        Ok(self
+            .lm_head
+            .forward(&h, &mut Fwd::default())?
+            .to_dtype(self.compute_dtype())?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &self,
+        ids: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        fwd: &mut Fwd,
         mut observer: Option<&mut AttnObserver>,
+        mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
@@ -418,18 +488,13 @@ impl Model {
             t,
             self.cfg.hidden_size,
         ))?;
-        let (cos, sin) = self.rope_tables(t)?;
-        let mask = self.attn_mask(t)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps)?;
-            let a = self.attention(&layer.attn, &h, &cos, &sin, &mask, fwd)?;
-            let a = match observer.as_deref_mut() {
-                Some(obs) => {
-                    obs(l, &a.1)?;
-                    a.0
-                }
-                None => a.0,
-            };
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let (a, probs) = self.attention(&layer.attn, &h, cos, sin, mask, fwd, slot)?;
+            if let Some(obs) = observer.as_deref_mut() {
+                obs(l, &probs)?;
+            }
             x = (x + a)?;
             let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
             let m = &layer.mlp;
@@ -440,7 +505,8 @@ impl Model {
         rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
 
-    /// Returns the attention output and the probabilities (B, heads, T, T), f32.
+    /// Returns the attention output and the probabilities (B, heads, t, keys).
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         a: &Attention,
@@ -449,6 +515,7 @@ impl Model {
         sin: &Tensor,
         mask: &Tensor,
         fwd: &mut Fwd,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<(Tensor, Tensor)> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
@@ -460,8 +527,16 @@ impl Model {
                 .contiguous()?)
         };
         let q = rope(&heads(&a.q, c.num_heads, fwd)?, cos, sin)?;
-        let k = rope(&heads(&a.k, c.num_kv_heads, fwd)?, cos, sin)?;
-        let v = heads(&a.v, c.num_kv_heads, fwd)?;
+        let mut k = rope(&heads(&a.k, c.num_kv_heads, fwd)?, cos, sin)?;
+        let mut v = heads(&a.v, c.num_kv_heads, fwd)?;
+        // Generation: prepend the cached keys/values (stored before repeat_kv).
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(&[&pk, &k], 2)?;
+                v = Tensor::cat(&[&pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
         let rep = c.num_heads / c.num_kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
         let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
@@ -478,18 +553,17 @@ impl Model {
         Ok((a.o.forward(&y, fwd)?, probs))
     }
 
-    /// cos/sin tables (1, 1, T, head_dim) in the weight dtype, built once per
-    /// forward for every layer (each half repeats the frequencies, as HF does).
-    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
-        let pos = Tensor::arange(0u32, t as u32, &self.device)?
-            .to_dtype(DType::F32)?
-            .reshape((t, 1))?;
+    /// cos/sin tables (B, 1, t, head_dim) in the weight dtype for positions
+    /// `pos` (B, t), built once per forward for every layer (each half repeats
+    /// the frequencies, as HF does).
+    fn rope_tables(&self, pos: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t) = pos.dims2()?;
         let freqs = pos
-            .broadcast_mul(&self.inv_freq.reshape((1, ()))?)?
+            .to_dtype(DType::F32)?
+            .reshape((b, t, 1))?
+            .broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?
             .to_dtype(self.compute_dtype())?;
-        let emb = Tensor::cat(&[&freqs, &freqs], 1)?
-            .unsqueeze(0)?
-            .unsqueeze(0)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], 2)?.unsqueeze(1)?;
         Ok((
             emb.cos()?.to_dtype(self.dtype)?,
             emb.sin()?.to_dtype(self.dtype)?,
