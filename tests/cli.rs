@@ -363,3 +363,97 @@ fn report_html_renders_in_headless_chromium() {
         bytes.len()
     );
 }
+
+#[test]
+fn training_is_deterministic_given_the_seed() {
+    let model = tiny_run().join("runs/tiny/model");
+    let run = |dir: &Path| {
+        let cfg = config_with(
+            dir,
+            &model,
+            &good_data(dir),
+            "seed = 7\n[lora]\ndropout = 0.1",
+        );
+        let out = bin()
+            .args(["--config", cfg.to_str().unwrap(), "--quiet"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        std::fs::read(dir.join("out/adapter_model.safetensors")).unwrap()
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    assert_eq!(
+        run(a.path()),
+        run(b.path()),
+        "same config and seed must give identical adapters"
+    );
+}
+
+#[test]
+fn hub_repo_id_resolves_from_the_offline_cache() {
+    // Lay out the tiny model as hf-hub's cache would hold "xtf/tiny-llama"
+    // (HF_HOME/hub/models--xtf--tiny-llama/{refs/main, snapshots/<rev>/...}).
+    let src = tiny_run().join("runs/tiny/model");
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--xtf--tiny-llama");
+    let snap = repo.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        std::fs::copy(src.join(f), snap.join(f)).unwrap();
+    }
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config_with(
+        d.path(),
+        Path::new("xtf/tiny-llama"),
+        &good_data(d.path()),
+        "",
+    );
+    let out = bin()
+        .args(["--config", cfg.to_str().unwrap(), "--quiet"])
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A repo missing from the cache fails offline, naming it, without network.
+    let cfg = config_with(
+        d.path(),
+        Path::new("xtf/not-cached"),
+        &good_data(d.path()),
+        "",
+    );
+    std::fs::remove_dir_all(d.path().join("out")).unwrap();
+    fails_with_env(
+        &cfg,
+        &[
+            ("HF_HOME", home.path().to_str().unwrap()),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
+        &["xtf/not-cached", "HF_HUB_OFFLINE"],
+    );
+}
+
+fn fails_with_env(cfg: &Path, env: &[(&str, &str)], needles: &[&str]) {
+    let mut cmd = bin();
+    cmd.args(["--config", cfg.to_str().unwrap(), "--quiet"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line in:\n{err}"));
+    for n in needles {
+        assert!(line.contains(n), "error line lacks {n:?}: {line}");
+    }
+}
