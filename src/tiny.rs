@@ -226,7 +226,7 @@ fn pretrain(model: &Model, examples: &[Example], spec: &TinySpec, pad: u32) -> R
     )?;
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     let mut order: Vec<usize> = Vec::new();
-    let started = std::time::Instant::now();
+    let (started, mut tokens) = (std::time::Instant::now(), 0usize);
     for step in 0..spec.pretrain_steps {
         if order.len() < spec.pretrain_batch {
             let mut fresh: Vec<usize> = (0..examples.len()).collect();
@@ -247,12 +247,15 @@ fn pretrain(model: &Model, examples: &[Example], spec: &TinySpec, pad: u32) -> R
             Schedule::Cosine,
         );
         opt.step(&acc, lr, 1.0)?;
+        tokens += batch.lengths.iter().sum::<usize>();
         if (step + 1) % 20 == 0 || step + 1 == spec.pretrain_steps {
+            let secs = started.elapsed().as_secs_f64();
+            let eta = secs / (step + 1) as f64 * (spec.pretrain_steps - step - 1) as f64;
             tracing::info!(
-                "tiny pre-training step {:>4}/{} | loss {loss:.4} | {:.1}s",
+                "tiny pre-training step {:>4}/{} | loss {loss:.4} | {:>6.0} tok/s | {secs:.0}s elapsed, ETA {eta:.0}s",
                 step + 1,
                 spec.pretrain_steps,
-                started.elapsed().as_secs_f64()
+                tokens as f64 / secs,
             );
         }
     }
