@@ -114,19 +114,7 @@ fn config_with(dir: &Path, model: &Path, train: &Path, extra: &str) -> PathBuf {
 }
 
 fn fails_with(cfg: &Path, needles: &[&str]) {
-    let out = bin()
-        .args(["--config", cfg.to_str().unwrap(), "--quiet"])
-        .output()
-        .unwrap();
-    let err = stderr(&out);
-    assert!(!out.status.success(), "expected failure, got success");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error:"))
-        .unwrap_or_else(|| panic!("no error line in:\n{err}"));
-    for n in needles {
-        assert!(line.contains(n), "error line lacks {n:?}: {line}");
-    }
+    fails_with_env(cfg, &[], needles);
     assert!(
         !cfg.parent().unwrap().join("out").exists(),
         "partial output left behind"
