@@ -68,3 +68,10 @@ pub fn keep_freed_pages() {
     // SAFETY: setting an allocator option is thread-safe and takes plain integers.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
+
+/// A scalar tensor's value as f64, read on the CPU (Metal has no f64).
+pub fn scalar_f64(t: &candle_core::Tensor) -> candle_core::Result<f64> {
+    t.to_device(&candle_core::Device::Cpu)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()
+}

@@ -7,7 +7,7 @@
 
 use crate::config::Schedule;
 use crate::error::{Error, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -100,15 +100,13 @@ impl AdamW {
         self.slots.iter().map(|s| (s.name.as_str(), &s.var))
     }
 
-    /// Global L2 norm of the gradients (f32), as `clip_grad_norm_` computes it.
+    /// Global L2 norm of the gradients (squares summed in f32, or f64 for f64
+    /// parameters), as `clip_grad_norm_` computes it.
     pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
         let mut sq = 0f64;
         for g in grads.iter().flatten() {
-            sq += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            let g = g.to_dtype(crate::model::compute_dtype(g.dtype()))?;
+            sq += crate::io::scalar_f64(&g.sqr()?.sum_all()?)?;
         }
         Ok(sq.sqrt())
     }

@@ -154,8 +154,14 @@ pub fn domain_vector(model: &Model, examples: &[&Example]) -> Result<Tensor> {
             c[id as usize] += inv;
         }
     }
-    let c = Tensor::from_vec(c, (1, vocab), &model.device)?;
-    let emb = model.embeddings().to_dtype(DType::F64)?;
+    // f64 where the device has it (Metal has no f64).
+    let dt = if model.device.is_cpu() {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let c = Tensor::from_vec(c, (1, vocab), &model.device)?.to_dtype(dt)?;
+    let emb = model.embeddings().to_dtype(dt)?;
     Ok(c.matmul(&emb)?.squeeze(0)?.to_dtype(DType::F32)?)
 }
 

@@ -39,10 +39,7 @@ pub fn loss_step(
     let logits = model.forward(&batch.input, fwd, None)?;
     let loss = (masked_ce_sum(&logits, batch)? / norm)?;
     let grads = loss.backward()?;
-    Ok((
-        loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
-        grads,
-    ))
+    Ok((crate::io::scalar_f64(&loss)?, grads))
 }
 
 /// Add this micro-batch's gradients into the step's accumulators.
@@ -69,9 +66,7 @@ pub fn eval_loss(model: &Model, examples: &[Example], batch_size: usize, pad: u3
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = data::make_batch(&refs, None, pad, &model.device)?;
         let logits = model.forward(&batch.input, &mut Fwd::default(), None)?;
-        sum += masked_ce_sum(&logits.detach(), &batch)?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+        sum += crate::io::scalar_f64(&masked_ce_sum(&logits.detach(), &batch)?)?;
         n += batch.n_tokens;
     }
     Ok(if n > 0.0 { sum / n } else { f64::NAN })
