@@ -149,6 +149,9 @@ pub struct TrainSection {
     /// Evaluate every N optimizer steps (and always after the last one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_steps: Option<usize>,
+    /// Write a resumable checkpoint every N optimizer steps (`--resume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_steps: Option<usize>,
     /// Append a metrics line every N optimizer steps.
     #[serde(default = "one")]
     pub log_steps: usize,

@@ -5,6 +5,7 @@
 //! specified in `../shared/xtf-spec.md`; code cites its sections.
 
 pub mod cache;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;

@@ -26,6 +26,9 @@ struct Cli {
     /// Recompute XTF scores even when the cache matches.
     #[arg(long, global = true)]
     rescore: bool,
+    /// Continue training from the newest checkpoint in output.dir.
+    #[arg(long, global = true)]
+    resume: bool,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -99,7 +102,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 false => None,
             };
             let masks = run.as_ref().map(|r| r.mask.keep.clone());
-            let report = train::train(&cfg, &mut setup, masks, cli.quiet)?;
+            let run_opts = train::RunOptions {
+                quiet: cli.quiet,
+                resume: cli.resume,
+            };
+            let report = train::train(&cfg, &mut setup, masks, run_opts)?;
             if let Some(r) = &run {
                 xtf::write_report(&cfg, &setup, r, &report.metrics)?;
             }

@@ -39,6 +39,16 @@ impl Metrics {
         }
     }
 
+    /// Continue a file whose earlier lines are `lines` (resume).
+    pub fn resume(path: PathBuf, lines: Vec<StepMetrics>) -> Self {
+        let text = lines
+            .iter()
+            .filter_map(|m| serde_json::to_string(m).ok())
+            .map(|l| l + "\n")
+            .collect();
+        Self { path, text, lines }
+    }
+
     pub fn push(&mut self, m: StepMetrics) -> Result<()> {
         let line =
             serde_json::to_string(&m).map_err(|e| crate::error::Error::Msg(e.to_string()))?;

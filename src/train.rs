@@ -193,7 +193,17 @@ pub struct TrainReport {
 }
 
 /// Train per the config and write every output to `output.dir`.
-pub fn train(cfg: &Config, s: &mut Setup, masks: Masks, quiet: bool) -> Result<TrainReport> {
+/// Run-level switches from the command line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// No progress bar; plain log lines.
+    pub quiet: bool,
+    /// Continue from the newest checkpoint in `output.dir`, if any.
+    pub resume: bool,
+}
+
+pub fn train(cfg: &Config, s: &mut Setup, masks: Masks, run: RunOptions) -> Result<TrainReport> {
+    let quiet = run.quiet;
     let t = &cfg.train;
     let out = &cfg.output.dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -208,8 +218,27 @@ pub fn train(cfg: &Config, s: &mut Setup, masks: Masks, quiet: bool) -> Result<T
     let plan = Plan::new(s.train.len(), t);
     let mut rng = ChaCha8Rng::seed_from_u64(t.seed ^ 0x5eed);
     let mut metrics = crate::report::Metrics::new(out.join("metrics.jsonl"));
-    let bar = crate::report::progress(plan.steps as u64, quiet);
     let (mut first_loss, mut last_loss, mut skipped, mut eval) = (f64::NAN, f64::NAN, 0, None);
+    let mut start = 0;
+    if let Some(dir) = run.resume.then(|| crate::checkpoint::latest(out)).flatten() {
+        let st = crate::checkpoint::load(&dir, &s.vars, &mut opt)?;
+        rng.set_word_pos(
+            st.rng_word_pos
+                .parse()
+                .map_err(|_| Error::model(&dir, "invalid rng_word_pos"))?,
+        );
+        (start, skipped) = (st.step, st.skipped);
+        first_loss = st.metrics.first().map_or(f64::NAN, |m| m.loss);
+        metrics = crate::report::Metrics::resume(out.join("metrics.jsonl"), st.metrics);
+        tracing::info!("resuming from {} (step {start})", dir.display());
+    } else if run.resume {
+        tracing::warn!(
+            "--resume: no checkpoint in {}; starting from step 0",
+            out.display()
+        );
+    }
+    let bar = crate::report::progress(plan.steps as u64, quiet);
+    bar.set_position(start as u64);
     let (started, mut tokens_seen) = (Instant::now(), 0usize);
     tracing::info!(
         "training: {} steps, {} trainable tensors ({} params)",
@@ -217,7 +246,7 @@ pub fn train(cfg: &Config, s: &mut Setup, masks: Masks, quiet: bool) -> Result<T
         s.vars.len(),
         s.vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>()
     );
-    for step in 0..plan.steps {
+    for step in start..plan.steps {
         let step_start = Instant::now();
         // Build every micro-batch first: the loss is normalised by the
         // unmasked label tokens of the whole optimizer step (spec: loss mask).
@@ -287,6 +316,15 @@ pub fn train(cfg: &Config, s: &mut Setup, masks: Masks, quiet: bool) -> Result<T
             if quiet {
                 tracing::info!("{line}");
             }
+        }
+        if t.save_steps.is_some_and(|k| (step + 1) % k == 0) && !last {
+            let state = crate::checkpoint::LoopState {
+                step: step + 1,
+                skipped,
+                rng_word_pos: rng.get_word_pos().to_string(),
+                metrics: metrics.lines.clone(),
+            };
+            crate::checkpoint::save(out, &s.vars, &opt, &state)?;
         }
         bar.set_message(format!("loss {loss:.4} | {tps:.0} tok/s"));
         bar.inc(1);

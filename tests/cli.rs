@@ -445,3 +445,57 @@ fn fails_with_env(cfg: &Path, env: &[(&str, &str)], needles: &[&str]) {
         assert!(line.contains(n), "error line lacks {n:?}: {line}");
     }
 }
+
+#[test]
+fn resume_from_a_checkpoint_matches_an_uninterrupted_run() {
+    let model = tiny_run().join("runs/tiny/model");
+    let cfg_in = |dir: &Path| {
+        let text = format!(
+            "[model]\npath = {:?}\n[data]\ntrain = {:?}\ntemplate = \"Question: {{prompt}}\\nAnswer: \"\n[train]\nmax_steps = 5\nsave_steps = 3\nmicro_batch_size = 1\nseed = 3\nlr = 1e-2\n[lora]\ndropout = 0.1\n[output]\ndir = {:?}\n",
+            model.display().to_string(),
+            good_data(dir).display().to_string(),
+            dir.join("out").display().to_string()
+        );
+        std::fs::write(dir.join("c.toml"), text).unwrap();
+        dir.join("c.toml")
+    };
+    let run = |cfg: &Path, extra: &[&str]| {
+        let out = bin()
+            .args(["--config", cfg.to_str().unwrap(), "--quiet"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run(&cfg_in(a.path()), &[]);
+    assert!(
+        a.path().join("out/checkpoint-3/state.json").is_file(),
+        "no checkpoint written"
+    );
+    // "Interrupt" after step 3: a fresh output dir holding only that checkpoint.
+    let ckpt = b.path().join("out/checkpoint-3");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    for f in [
+        "trainable.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ] {
+        std::fs::copy(a.path().join("out/checkpoint-3").join(f), ckpt.join(f)).unwrap();
+    }
+    run(&cfg_in(b.path()), &["--resume"]);
+    let read = |d: &Path| std::fs::read(d.join("out/adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        read(a.path()),
+        read(b.path()),
+        "resumed run must end with identical weights"
+    );
+    let losses = |d: &Path| {
+        metrics(&d.join("out/metrics.jsonl"))
+            .iter()
+            .map(|m| m["loss"].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(losses(a.path()), losses(b.path()));
+    assert_eq!(losses(a.path()).len(), 5);
+}

@@ -271,7 +271,16 @@ fn steps_with_no_unmasked_token_are_skipped_and_counted() {
         })
         .collect();
     let none: Vec<Vec<bool>> = s.train.iter().map(|e| vec![false; e.n_labels()]).collect();
-    let report = xtf_train::train::train(&cfg, &mut s, Some(none), true).unwrap();
+    let report = xtf_train::train::train(
+        &cfg,
+        &mut s,
+        Some(none),
+        xtf_train::train::RunOptions {
+            quiet: true,
+            resume: false,
+        },
+    )
+    .unwrap();
     assert_eq!((report.steps, report.skipped_steps), (3, 3));
     let after: Vec<Vec<f32>> = s
         .vars
