@@ -47,6 +47,26 @@ enum Cmd {
     Train,
     /// Run only the XTF scoring pass: scores.jsonl, xtf_summary.json, report.html.
     Score,
+    /// Generate a continuation of PROMPT (the config's template applied) with
+    /// the config's model, plus a LoRA adapter if given.
+    Generate {
+        prompt: String,
+        /// PEFT adapter directory (e.g. the output.dir of a LoRA run).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop strings (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+    },
     /// Create the embedded tiny model, tokenizer and dataset (offline, deterministic).
     InitTiny {
         #[arg(long)]
@@ -87,6 +107,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Cmd::InitTiny { out, threads }) => {
             set_cpu_threads(Some(threads));
             tiny::init(&out, &tiny::TinySpec::default())?
+        }
+        Some(Cmd::Generate {
+            prompt,
+            adapter,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop,
+        }) => {
+            let cfg = config()?;
+            if let Some(dir) = &cfg.model.init_tiny {
+                tiny::ensure(dir)?;
+            }
+            let dir = xtf_train::model::resolve_model_dir(
+                &cfg.model.path,
+                cfg.model.revision.as_deref(),
+            )?;
+            let tok = xtf_train::tokenizer::Tok::load(&dir)?;
+            let mut model = xtf_train::model::Model::load(
+                &dir,
+                cfg.model.dtype.dtype(),
+                &cfg.device()?,
+                xtf_train::model::Trainable::Frozen,
+            )?;
+            if let Some(a) = &adapter {
+                xtf_train::lora::load_adapter(&mut model, a)?;
+            }
+            let mut ids: Vec<u32> = tok.bos.into_iter().collect();
+            ids.extend(tok.encode(&cfg.data.template.replace("{prompt}", &prompt))?);
+            let opts = xtf_train::gen::GenOptions {
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                stop,
+            };
+            let out = xtf_train::gen::generate(&model, &tok, &[ids], &opts)?;
+            println!("{}", out[0].text);
         }
         Some(Cmd::Score) => {
             let cfg = config()?;

@@ -499,3 +499,38 @@ fn resume_from_a_checkpoint_matches_an_uninterrupted_run() {
     assert_eq!(losses(a.path()), losses(b.path()));
     assert_eq!(losses(a.path()).len(), 5);
 }
+
+#[test]
+fn generate_prints_a_deterministic_greedy_continuation() {
+    let dir = tiny_run();
+    let gen = || {
+        let out = bin()
+            .args([
+                "--config",
+                "configs/tiny.toml",
+                "--quiet",
+                "generate",
+                "Tom has 3 apples and buys 4 more. How many apples does he have?",
+            ])
+            .args([
+                "--adapter",
+                "runs/tiny/out",
+                "--max-new-tokens",
+                "40",
+                "--stop",
+                "####",
+            ])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = gen();
+    assert!(!text.trim().is_empty(), "no text generated");
+    assert!(
+        !text.contains("####"),
+        "stop string must cut the text: {text:?}"
+    );
+    assert_eq!(text, gen());
+}
