@@ -4,17 +4,10 @@
 
 mod common;
 use candle_core::{DType, Device, Tensor};
-use common::{flat, max_abs_diff};
+use common::{fixture, flat, max_abs_diff};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use xtf_train::lora::{self, Fwd};
 use xtf_train::model::{Model, Trainable};
-
-pub fn fixture(family: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(family)
-}
 
 fn reference(family: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(family).join("reference.safetensors"), &Device::Cpu)

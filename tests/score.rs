@@ -2,19 +2,14 @@
 //! committed fixtures: KN from the logits, RI from `output_attentions` in
 //! float64 loops, TR from the input embeddings (scripts/make_fixtures.py).
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::fixture;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use xtf_train::config::{Distance, Layers, RiReduce};
 use xtf_train::data::Example;
 use xtf_train::model::{Model, Trainable};
 use xtf_train::score::{domain_vector, resolve_layers, score_batch, token_distances, ScoreOptions};
-
-fn fixture(family: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(family)
-}
 
 fn load(family: &str) -> (Model, HashMap<String, Tensor>, Vec<Example>) {
     let model = Model::load(
