@@ -83,7 +83,8 @@ pub fn key(
         "weights": weights,
         "tokenizer": sha_file(&model_dir.join("tokenizer.json"))?,
         "tokenizer_config": sha_file(&model_dir.join("tokenizer_config.json"))?,
-        "data": sha_file(&d.train)?,
+        // The data's content is keyed through the token ids below.
+        "data": d.train,
         "fields": [d.prompt_field, d.response_field],
         "template": d.template,
         "max_seq_len": d.max_seq_len,

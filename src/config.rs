@@ -32,6 +32,13 @@ pub struct Config {
     /// Absent section = ordinary fine-tuning (the paper's "Normal").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xtf: Option<XtfSection>,
+    /// Which tokens to train on: XTF, a baseline, or a file. Absent = XTF
+    /// when `[xtf]` is enabled, otherwise every label token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<MaskSection>,
+    /// Benchmarks run by `xtf-train eval` and after training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalSection>,
     /// Where the config was read from; used in error messages only.
     #[serde(skip)]
     pub source: PathBuf,
@@ -83,13 +90,27 @@ pub struct ModelSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    pub train: PathBuf,
+    /// A local `.jsonl` / `.json` / `.parquet` file, or a Hub dataset
+    /// `hf://owner/name[/config]/split`.
+    pub train: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eval: Option<PathBuf>,
+    pub eval: Option<String>,
     #[serde(default = "default_prompt_field")]
     pub prompt_field: String,
     #[serde(default = "default_response_field")]
     pub response_field: String,
+    /// Rows holding an array here are chats (`role` / `content` messages),
+    /// rendered with the model's chat template.
+    #[serde(default = "default_messages_field")]
+    pub messages_field: String,
+    /// Also render prompt/response rows as a user/assistant chat with the
+    /// model's chat template (instruct and R1-distill models), instead of
+    /// `template`.
+    #[serde(default)]
+    pub chat_template: bool,
+    /// System message prepended to chats built from prompt/response rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
     /// The prompt part; `{prompt}` is replaced by the prompt field.
     #[serde(default = "default_template")]
     pub template: String,
@@ -254,6 +275,107 @@ pub struct TrSection {
     pub filter_class: usize,
 }
 
+/// `[mask]`: which label tokens the loss counts (one interface, several
+/// strategies; the paper's baselines are strategies here).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskSection {
+    #[serde(default = "default_strategy")]
+    pub strategy: Strategy,
+    /// Reference model for `slm`, `token_clean` and `data_filter`: a PEFT
+    /// adapter directory (applied to `model.path`), a full HF model
+    /// directory, or a Hub repo id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Share kept: tokens per micro-batch (`slm`, Rho-1's k), tokens
+    /// (`token_clean`'s data_prop) or examples (`data_filter`).
+    #[serde(default = "default_keep_ratio")]
+    pub keep_ratio: f64,
+    /// `token_clean`: rank tokens over the whole dataset or within each example.
+    #[serde(default = "default_scope")]
+    pub scope: Scope,
+    /// `sidecar`: JSONL, one line per training example, over its label
+    /// tokens (response + EOS): an array or `{"mask": [...]}` /
+    /// `{"weights": [...]}` of 0/1 or float weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Every label token (ordinary fine-tuning).
+    None,
+    /// XTF (`[xtf]` section, defaults if absent).
+    Xtf,
+    /// Rho-1 selective language modelling: top `keep_ratio` excess loss
+    /// `L_train - L_ref` of each micro-batch, recomputed every step.
+    Slm,
+    /// Token Cleaning: top `keep_ratio` of `L_base - L_ref`.
+    TokenClean,
+    /// Sample level: keep the top `keep_ratio` examples by mean `L_base - L_ref`.
+    DataFilter,
+    /// Per-token weights read from `sidecar`.
+    Sidecar,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Dataset,
+    Sample,
+}
+
+/// `[eval]`: generation-based benchmarks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Run the tasks after training (`xtf-train --config` / `train`).
+    #[serde(default = "yes")]
+    pub after_train: bool,
+    /// Prompts generated together.
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+    pub tasks: Vec<EvalTask>,
+}
+
+/// One benchmark.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalTask {
+    pub name: crate::tasks::TaskKind,
+    /// The benchmark: a local file (PubMedQA: `ori_pqal.json`, with
+    /// `test_ground_truth.json` beside it) or a Hub dataset `hf://...`.
+    pub path: String,
+    /// Evaluate only the first N problems.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Prompt format; default `data.template` (`"{prompt}"` for humaneval).
+    /// Ignored when `data.chat_template` is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Samples per problem (pass@k needs n >= k).
+    #[serde(default = "one")]
+    pub n_samples: usize,
+    /// 0 = greedy.
+    #[serde(default)]
+    pub temperature: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// pass@k values reported (humaneval).
+    #[serde(default = "default_pass_k")]
+    pub k: Vec<usize>,
+    /// Wall-clock limit per program in seconds (humaneval).
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
 fn yes() -> bool {
     true
 }
@@ -271,6 +393,30 @@ fn default_prompt_field() -> String {
 }
 fn default_response_field() -> String {
     "response".into()
+}
+fn default_messages_field() -> String {
+    "messages".into()
+}
+fn default_strategy() -> Strategy {
+    Strategy::None
+}
+fn default_keep_ratio() -> f64 {
+    0.6
+}
+fn default_scope() -> Scope {
+    Scope::Dataset
+}
+fn default_eval_batch() -> usize {
+    8
+}
+fn default_max_new_tokens() -> usize {
+    512
+}
+fn default_pass_k() -> Vec<usize> {
+    vec![1, 5, 10]
+}
+fn default_timeout() -> f64 {
+    3.0
 }
 fn default_template() -> String {
     "{prompt}\n".into()
@@ -346,7 +492,15 @@ macro_rules! default_from_serde {
         }
     )*};
 }
-default_from_serde!(TrainSection, LoraSection, RiSection, KnSection, TrSection);
+default_from_serde!(
+    TrainSection,
+    LoraSection,
+    RiSection,
+    KnSection,
+    TrSection,
+    XtfSection,
+    MaskSection
+);
 
 /// Parsed device spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -570,6 +724,84 @@ impl Config {
                 ),
             );
         }
+        if let Some(m) = &self.mask {
+            check(
+                m.keep_ratio > 0.0 && m.keep_ratio <= 1.0,
+                "mask.keep_ratio",
+                format!("must be in (0, 1], got {}", m.keep_ratio),
+            );
+            let needs_ref = matches!(
+                m.strategy,
+                Strategy::Slm | Strategy::TokenClean | Strategy::DataFilter
+            );
+            check(
+                !needs_ref || m.reference.is_some(),
+                "mask.reference",
+                format!("strategy {:?} needs a reference model", m.strategy),
+            );
+            check(
+                m.strategy != Strategy::Sidecar || m.sidecar.is_some(),
+                "mask.sidecar",
+                "strategy \"sidecar\" needs a sidecar file".into(),
+            );
+            check(
+                m.strategy == Strategy::Xtf || !self.xtf_section_enabled(),
+                "mask.strategy",
+                format!(
+                    "is {:?} but [xtf] is enabled; set xtf.enabled = false or strategy = \"xtf\"",
+                    m.strategy
+                ),
+            );
+        }
+        if let Some(e) = &self.eval {
+            check(e.batch_size >= 1, "eval.batch_size", "must be >= 1".into());
+            check(
+                !e.tasks.is_empty(),
+                "eval.tasks",
+                "must not be empty".into(),
+            );
+            for (i, t) in e.tasks.iter().enumerate() {
+                let key = |k: &str| format!("eval.tasks[{i}].{k}");
+                check(t.n_samples >= 1, &key("n_samples"), "must be >= 1".into());
+                check(
+                    t.max_new_tokens >= 1,
+                    &key("max_new_tokens"),
+                    "must be >= 1".into(),
+                );
+                check(
+                    t.temperature >= 0.0,
+                    &key("temperature"),
+                    format!("must be >= 0, got {}", t.temperature),
+                );
+                check(
+                    t.top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
+                    &key("top_p"),
+                    "must be in (0, 1]".into(),
+                );
+                check(
+                    t.n_samples == 1 || t.temperature > 0.0,
+                    &key("temperature"),
+                    "n_samples > 1 needs temperature > 0 (greedy samples are identical)".into(),
+                );
+                check(
+                    t.k.iter().all(|&k| k >= 1),
+                    &key("k"),
+                    "every k must be >= 1".into(),
+                );
+                check(
+                    t.timeout_s > 0.0,
+                    &key("timeout_s"),
+                    format!("must be > 0, got {}", t.timeout_s),
+                );
+                if let Some(tpl) = &t.template {
+                    check(
+                        tpl.contains("{prompt}"),
+                        &key("template"),
+                        "must contain {prompt}".into(),
+                    );
+                }
+            }
+        }
         match errs.split_first() {
             None => Ok(()),
             Some(((key, msg), rest)) => {
@@ -582,9 +814,28 @@ impl Config {
         }
     }
 
+    fn xtf_section_enabled(&self) -> bool {
+        self.xtf.as_ref().is_some_and(|x| x.enabled)
+    }
+
+    /// The mask strategy in force: `[mask] strategy`, else XTF when `[xtf]`
+    /// is enabled (configs written before `[mask]` existed), else none.
+    pub fn strategy(&self) -> Strategy {
+        match &self.mask {
+            Some(m) => m.strategy,
+            None if self.xtf_section_enabled() => Strategy::Xtf,
+            None => Strategy::None,
+        }
+    }
+
     /// Is XTF masking switched on?
     pub fn xtf_enabled(&self) -> bool {
-        self.xtf.as_ref().is_some_and(|x| x.enabled)
+        self.strategy() == Strategy::Xtf
+    }
+
+    /// The `[xtf]` settings, defaults filled in when the section is absent.
+    pub fn xtf_settings(&self) -> XtfSection {
+        self.xtf.clone().unwrap_or_default()
     }
 
     pub fn device(&self) -> Result<candle_core::Device> {

@@ -2,17 +2,154 @@
 //! `[BOS] + tok(template(prompt)) + tok(response) + EOS`, prompt and response
 //! tokenised separately, labels = response tokens + EOS, right padding.
 
+use crate::config::DataSection;
 use crate::error::{Error, Result};
+use crate::formats::{self, ChatTemplate, DataSource, FormatError, Message, RawRecord};
 use crate::tokenizer::Tok;
 use candle_core::{Device, Tensor};
 use std::io::BufRead;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// One prompt/response pair as read from the dataset.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     pub prompt: String,
     pub response: String,
+    /// Rendered by a chat template: `prompt` is the final prompt text (no
+    /// `data.template`) and `response` already ends with the template's
+    /// end-of-turn text, so no EOS is appended.
+    pub chat: bool,
+}
+
+impl Record {
+    /// A plain prompt/response pair (template applied, EOS appended).
+    pub fn pair(prompt: impl Into<String>, response: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            response: response.into(),
+            chat: false,
+        }
+    }
+}
+
+/// The files behind a data source: the local file itself, or the split's
+/// files of a Hub dataset (`hf://owner/name[/config]/split`, via hf-hub's cache).
+pub fn source_files(source: &str) -> Result<Vec<PathBuf>> {
+    Ok(match formats::parse_source(source)? {
+        DataSource::Local(p) => vec![p],
+        DataSource::Hub {
+            repo,
+            config,
+            split,
+        } => formats::resolve_hub(&repo, config.as_deref(), &split)?,
+    })
+}
+
+/// Rows of a file with the number errors should name: the 1-based line for
+/// JSONL, the 1-based row otherwise.
+fn numbered_rows(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
+    let jsonl = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("jsonl" | "ndjson")
+    );
+    if !jsonl {
+        let rows = formats::read_rows(path)?;
+        return Ok(rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (i + 1, r))
+            .collect());
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| Error::data(path, i + 1, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| Error::data(path, i + 1, format!("invalid JSON: {e}")))?;
+        out.push((i + 1, v));
+    }
+    Ok(out)
+}
+
+/// Read every record of a data source (`data.train` / `data.eval`): local
+/// JSONL / JSON / parquet or a Hub split; chat rows (`messages_field`) and,
+/// with `data.chat_template`, prompt/response rows are rendered with the
+/// model's chat template. Errors name the file and line (or row).
+pub fn load_records(
+    source: &str,
+    d: &DataSection,
+    chat: Option<&ChatTemplate>,
+) -> Result<Vec<Record>> {
+    let mut out = Vec::new();
+    let files = source_files(source)?;
+    for path in &files {
+        for (n, row) in numbered_rows(path)? {
+            let raw = formats::to_record(
+                &row,
+                &d.prompt_field,
+                &d.response_field,
+                &d.messages_field,
+                n,
+            )
+            .map_err(|e| match e {
+                FormatError::Row { field, msg, .. } if msg == "missing" => {
+                    Error::data(path, n, format!("missing field {field:?}"))
+                }
+                FormatError::Row { field, msg, .. } => {
+                    Error::data(path, n, format!("field {field:?}: {msg}"))
+                }
+                other => other.into(),
+            })?;
+            let messages = match raw {
+                RawRecord::Pair { prompt, response } if !d.chat_template => {
+                    out.push(Record::pair(prompt, response));
+                    continue;
+                }
+                RawRecord::Pair { prompt, response } => {
+                    let mut m: Vec<Message> = d
+                        .system
+                        .iter()
+                        .map(|s| Message {
+                            role: "system".into(),
+                            content: s.clone(),
+                        })
+                        .collect();
+                    m.push(Message {
+                        role: "user".into(),
+                        content: prompt,
+                    });
+                    m.push(Message {
+                        role: "assistant".into(),
+                        content: response,
+                    });
+                    m
+                }
+                RawRecord::Chat { messages } => messages,
+            };
+            let tpl = chat.ok_or_else(|| {
+                Error::data(path, n, "a chat record needs the model's chat_template (tokenizer_config.json has none)")
+            })?;
+            let (prompt, response) = tpl
+                .split_prompt_response(&messages)
+                .map_err(|e| Error::data(path, n, e))?;
+            out.push(Record {
+                prompt,
+                response,
+                chat: true,
+            });
+        }
+    }
+    if out.is_empty() {
+        let at = files
+            .first()
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(source));
+        return Err(Error::data(&at, 0, "dataset is empty"));
+    }
+    Ok(out)
 }
 
 /// One tokenised example; label positions are `label_start..ids.len()`.
@@ -53,10 +190,7 @@ pub fn read_jsonl(path: &Path, prompt_field: &str, response_field: &str) -> Resu
                 None => Err(Error::data(path, n, format!("missing field {name:?}"))),
             }
         };
-        out.push(Record {
-            prompt: field(prompt_field)?,
-            response: field(response_field)?,
-        });
+        out.push(Record::pair(field(prompt_field)?, field(response_field)?));
     }
     if out.is_empty() {
         return Err(Error::data(path, 0, "dataset is empty"));
@@ -65,8 +199,10 @@ pub fn read_jsonl(path: &Path, prompt_field: &str, response_field: &str) -> Resu
 }
 
 /// Counts from tokenisation, for the log.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TokenizeStats {
+    /// The record index of each example returned.
+    pub rows: Vec<usize>,
     /// Examples whose response was cut to fit `max_seq_len`.
     pub truncated: usize,
     /// Examples dropped because the prompt alone fills `max_seq_len`.
@@ -81,7 +217,10 @@ pub fn tokenize_one(
     max_seq_len: usize,
 ) -> Result<(Option<Example>, bool)> {
     let mut ids: Vec<u32> = tok.bos.into_iter().collect();
-    ids.extend(tok.encode(&template.replace("{prompt}", &rec.prompt))?);
+    ids.extend(tok.encode(&match rec.chat {
+        true => rec.prompt.clone(),
+        false => template.replace("{prompt}", &rec.prompt),
+    })?);
     if ids.is_empty() {
         // The spec needs position p-1 >= 0 for every label token.
         return Err(Error::Msg(
@@ -93,7 +232,9 @@ pub fn tokenize_one(
         return Ok((None, false));
     }
     let mut response = tok.encode(&rec.response)?;
-    response.push(tok.eos);
+    if !rec.chat {
+        response.push(tok.eos);
+    }
     let room = max_seq_len - label_start;
     let truncated = response.len() > room;
     response.truncate(room);
@@ -110,10 +251,11 @@ pub fn tokenize(
 ) -> Result<(Vec<Example>, TokenizeStats)> {
     let mut stats = TokenizeStats::default();
     let mut out = Vec::with_capacity(records.len());
-    for rec in records {
+    for (row, rec) in records.iter().enumerate() {
         match tokenize_one(rec, tok, template, max_seq_len)? {
             (Some(ex), truncated) => {
                 stats.truncated += truncated as usize;
+                stats.rows.push(row);
                 out.push(ex);
             }
             (None, _) => stats.dropped += 1,
@@ -133,11 +275,12 @@ pub struct Batch {
     pub lengths: Vec<usize>,
 }
 
-/// Build a right-padded batch. `keep[i][k]` says whether label token `k` of
-/// example `i` counts (the XTF mask); `None` keeps every label token.
+/// Build a right-padded batch. `weights[i][k]` is the loss weight of label
+/// token `k` of example `i` (1/0 for a keep mask, or a float); `None` = 1 for
+/// every label token.
 pub fn make_batch(
     examples: &[&Example],
-    keep: Option<&[&[bool]]>,
+    weights: Option<&[&[f32]]>,
     pad: u32,
     device: &Device,
 ) -> Result<Batch> {
@@ -145,26 +288,40 @@ pub fn make_batch(
     let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let mut input = vec![pad; b * len];
     let mut targets = vec![0u32; b * len];
-    let mut weights = vec![0f32; b * len];
-    let mut n_tokens = 0f64;
     for (i, ex) in examples.iter().enumerate() {
         let row = i * len;
         input[row..row + ex.ids.len()].copy_from_slice(&ex.ids);
         for p in ex.label_start..ex.ids.len() {
-            let k = p - ex.label_start;
-            let on = keep.is_none_or(|m| m[i][k]);
             targets[row + p - 1] = ex.ids[p];
-            if on {
-                weights[row + p - 1] = 1.0;
-                n_tokens += 1.0;
-            }
         }
     }
+    let ones: Vec<Vec<f32>>;
+    let w: Vec<&[f32]> = match weights {
+        Some(w) => w.to_vec(),
+        None => {
+            ones = examples.iter().map(|e| vec![1.0; e.n_labels()]).collect();
+            ones.iter().map(Vec::as_slice).collect()
+        }
+    };
+    let grid = label_grid(examples, &w, len);
     Ok(Batch {
         input: Tensor::from_vec(input, (b, len), device)?,
         targets: Tensor::from_vec(targets, (b, len), device)?,
-        weights: Tensor::from_vec(weights, (b, len), device)?,
-        n_tokens,
+        n_tokens: grid.iter().map(|&x| x as f64).sum(),
+        weights: Tensor::from_vec(grid, (b, len), device)?,
         lengths: examples.iter().map(|e| e.ids.len()).collect(),
     })
+}
+
+/// Per-label-token values laid out like `Batch::targets` (B × `len`): the
+/// value of label token `k` of example `i` sits at position
+/// `label_start + k - 1`, the position that predicts it; 0 elsewhere.
+pub fn label_grid(examples: &[&Example], values: &[&[f32]], len: usize) -> Vec<f32> {
+    let mut grid = vec![0f32; examples.len() * len];
+    for (i, ex) in examples.iter().enumerate() {
+        for (k, &v) in values[i].iter().take(ex.n_labels()).enumerate() {
+            grid[i * len + ex.label_start + k - 1] = v;
+        }
+    }
+    grid
 }

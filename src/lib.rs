@@ -4,6 +4,7 @@
 //! The maths of the three token attributes, the filters and the masked loss is
 //! specified in `../shared/xtf-spec.md`; code cites its sections.
 
+pub mod baselines;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;

@@ -5,7 +5,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use xtf_train::{config::Config, tiny, train, xtf};
+use xtf_train::config::{Config, Strategy};
+use xtf_train::{baselines, tiny, train, xtf};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -155,17 +156,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Cmd::Train) | None => {
             let cfg = config()?;
             let mut setup = train::setup(&cfg)?;
-            // XTF: score with the base model first, then train on the mask.
-            let run = match cfg.xtf_enabled() {
-                true => Some(xtf::prepare(&cfg, &setup, cli.rescore, cli.quiet)?),
-                false => None,
+            // The mask first (XTF: score with the base model), then train on it.
+            let (run, mask) = match cfg.strategy() {
+                Strategy::Xtf => {
+                    let r = xtf::prepare(&cfg, &setup, cli.rescore, cli.quiet)?;
+                    let m = train::LossMask::from_keep(&r.mask.keep);
+                    (Some(r), m)
+                }
+                Strategy::None => (None, train::LossMask::All),
+                _ => {
+                    let m = cfg.mask.clone().unwrap_or_default();
+                    (None, baselines::prepare(&cfg, &mut setup, &m)?)
+                }
             };
-            let masks = run.as_ref().map(|r| r.mask.keep.clone());
             let run_opts = train::RunOptions {
                 quiet: cli.quiet,
                 resume: cli.resume,
             };
-            let report = train::train(&cfg, &mut setup, masks, run_opts)?;
+            let report = train::train(&cfg, &mut setup, &mask, run_opts)?;
             if let Some(r) = &run {
                 xtf::write_report(&cfg, &setup, r, &report.metrics)?;
             }

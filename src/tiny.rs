@@ -154,10 +154,7 @@ pub fn init(dir: &Path, spec: &TinySpec) -> Result<()> {
     )?;
     let recs: Vec<Record> = pre
         .iter()
-        .map(|p| Record {
-            prompt: p.prompt.clone(),
-            response: p.response.clone(),
-        })
+        .map(|p| Record::pair(p.prompt.clone(), p.response.clone()))
         .collect();
     let (mut examples, _) = data::tokenize(&recs, &tok, TINY_TEMPLATE, 512)?;
     for ex in examples.iter_mut() {

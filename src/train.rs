@@ -42,6 +42,29 @@ pub fn loss_step(
     Ok((crate::io::scalar_f64(&loss)?, grads))
 }
 
+/// Rho-1's selective language modelling on one micro-batch: the `n_keep`
+/// label tokens with the largest excess loss `CE_train - CE_ref` (current
+/// model, no gradient through the choice) carry weight 1, the rest 0; the
+/// loss is their CE summed and divided by `norm`.
+pub fn slm_loss_step(
+    model: &Model,
+    batch: &Batch,
+    ref_loss: &Tensor,
+    n_keep: usize,
+    norm: f64,
+    fwd: &mut Fwd,
+) -> Result<(f64, candle_core::backprop::GradStore)> {
+    let logits = model.forward(&batch.input, fwd, None)?;
+    let ce = token_ce(&logits, &batch.targets)?;
+    let excess = (ce.detach() - ref_loss)?.flatten_all()?.to_vec1::<f32>()?;
+    let labels = batch.weights.flatten_all()?.to_vec1::<f32>()?;
+    let keep = crate::baselines::slm_select(&excess, &labels, n_keep);
+    let w = Tensor::from_vec(keep, batch.weights.shape(), &model.device)?;
+    let loss = ((ce * w)?.sum_all()? / norm)?;
+    let grads = loss.backward()?;
+    Ok((crate::io::scalar_f64(&loss)?, grads))
+}
+
 /// Add this micro-batch's gradients into the step's accumulators.
 pub fn accumulate(
     acc: &mut [Option<Tensor>],
@@ -78,6 +101,9 @@ pub struct Setup {
     pub tok: Tok,
     pub model_dir: PathBuf,
     pub train: Vec<Example>,
+    /// The data record each training example came from (tokenisation drops
+    /// records whose prompt fills `max_seq_len`).
+    pub train_rows: Vec<usize>,
     pub eval: Vec<Example>,
     /// Trainable parameters with their output names (PEFT or HF).
     pub vars: Vec<(String, Var)>,
@@ -91,12 +117,33 @@ pub fn setup(cfg: &Config) -> Result<Setup> {
     let model_dir = model::resolve_model_dir(&cfg.model.path, cfg.model.revision.as_deref())?;
     let tok = Tok::load(&model_dir)?;
     let d = &cfg.data;
-    let load = |path: &Path| -> Result<Vec<Example>> {
-        let recs = data::read_jsonl(path, &d.prompt_field, &d.response_field)?;
+    // The chat template is only needed for chat rows or `data.chat_template`;
+    // a broken one is an error then, a warning otherwise.
+    let tc = model_dir.join("tokenizer_config.json");
+    let chat = match tc.exists() {
+        false => None,
+        true => match crate::formats::ChatTemplate::from_file(&tc) {
+            Ok(t) => t,
+            Err(e) if d.chat_template => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!("ignoring the chat template: {e}");
+                None
+            }
+        },
+    };
+    if d.chat_template && chat.is_none() {
+        return Err(Error::Config {
+            file: cfg.source.clone(),
+            key: "data.chat_template".into(),
+            msg: format!("{} has no chat_template", model_dir.display()),
+        });
+    }
+    let load = |source: &str| -> Result<(Vec<Example>, Vec<usize>)> {
+        let recs = data::load_records(source, d, chat.as_ref())?;
         let (ex, stats) = data::tokenize(&recs, &tok, &d.template, d.max_seq_len)?;
         tracing::info!(
             "{}: {} examples, {} label tokens, {} truncated, {} dropped (prompt >= max_seq_len {})",
-            path.display(),
+            source,
             ex.len(),
             ex.iter().map(Example::n_labels).sum::<usize>(),
             stats.truncated,
@@ -104,13 +151,17 @@ pub fn setup(cfg: &Config) -> Result<Setup> {
             d.max_seq_len
         );
         if ex.is_empty() {
-            return Err(Error::data(path, 0, "no usable example after tokenisation"));
+            return Err(Error::data(
+                Path::new(source),
+                0,
+                "no usable example after tokenisation",
+            ));
         }
-        Ok(ex)
+        Ok((ex, stats.rows))
     };
-    let train = load(&d.train)?;
+    let (train, train_rows) = load(&d.train)?;
     let eval = match &d.eval {
-        Some(p) => load(p)?,
+        Some(p) => load(p)?.0,
         None => Vec::new(),
     };
     let device = cfg.device()?;
@@ -140,6 +191,7 @@ pub fn setup(cfg: &Config) -> Result<Setup> {
         tok,
         model_dir,
         train,
+        train_rows,
         eval,
         vars,
     })
@@ -176,8 +228,30 @@ impl Plan {
     }
 }
 
-/// Per-example, per-label-token keep flags (the XTF mask); `None` = keep all.
-pub type Masks = Option<Vec<Vec<bool>>>;
+/// Which label tokens the loss counts (see `[mask]`), per example and
+/// label token (response tokens + EOS).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LossMask {
+    /// Every label token (ordinary fine-tuning).
+    All,
+    /// Fixed weights: 1/0 keep flags (XTF, Token Cleaning, data filter) or
+    /// float weights (sidecar).
+    Weights(Vec<Vec<f32>>),
+    /// Rho-1 SLM: per micro-batch, the top `keep` share of label tokens by
+    /// `CE_train - ref_loss`, chosen afresh every step.
+    Slm { ref_loss: Vec<Vec<f32>>, keep: f64 },
+}
+
+impl LossMask {
+    /// 1/0 weights from keep flags.
+    pub fn from_keep(keep: &[Vec<bool>]) -> Self {
+        LossMask::Weights(
+            keep.iter()
+                .map(|r| r.iter().map(|&k| k as u8 as f32).collect())
+                .collect(),
+        )
+    }
+}
 
 /// What a training run reports back.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -202,7 +276,7 @@ pub struct RunOptions {
     pub resume: bool,
 }
 
-pub fn train(cfg: &Config, s: &mut Setup, masks: Masks, run: RunOptions) -> Result<TrainReport> {
+pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> Result<TrainReport> {
     let quiet = run.quiet;
     let t = &cfg.train;
     let out = &cfg.output.dir;
@@ -253,15 +327,12 @@ pub fn train(cfg: &Config, s: &mut Setup, masks: Masks, run: RunOptions) -> Resu
         let batches = plan
             .step(step)
             .iter()
-            .map(|idx| {
-                let ex: Vec<&Example> = idx.iter().map(|&i| &s.train[i]).collect();
-                let keep: Option<Vec<&[bool]>> = masks
-                    .as_ref()
-                    .map(|m| idx.iter().map(|&i| m[i].as_slice()).collect());
-                data::make_batch(&ex, keep.as_deref(), s.tok.pad, &s.model.device)
-            })
-            .collect::<Result<Vec<Batch>>>()?;
-        let n_tok: f64 = batches.iter().map(|b| b.n_tokens).sum();
+            .map(|idx| micro_batch(s, idx, mask))
+            .collect::<Result<Vec<_>>>()?;
+        let n_tok: f64 = batches
+            .iter()
+            .map(|(b, slm)| slm.as_ref().map_or(b.n_tokens, |x| x.1 as f64))
+            .sum();
         if n_tok == 0.0 {
             skipped += 1;
             tracing::warn!(
@@ -275,18 +346,21 @@ pub fn train(cfg: &Config, s: &mut Setup, masks: Masks, run: RunOptions) -> Resu
         let lr = lr_at(step, t.lr, t.warmup_steps, plan.steps, t.schedule);
         let mut acc: Vec<Option<Tensor>> = vec![None; s.vars.len()];
         let mut loss = 0.0;
-        for b in &batches {
+        for (b, slm) in &batches {
             let mut fwd = Fwd {
                 rng: Some(&mut rng),
                 no_adapters: false,
             };
-            let (l, grads) = loss_step(&s.model, b, n_tok, &mut fwd)?;
+            let (l, grads) = match slm {
+                None => loss_step(&s.model, b, n_tok, &mut fwd)?,
+                Some((r, k)) => slm_loss_step(&s.model, b, r, *k, n_tok, &mut fwd)?,
+            };
             accumulate(&mut acc, &s.vars, &grads)?;
             loss += l;
         }
         // Clip and update.
         let grad_norm = opt.step(&acc, lr, t.max_grad_norm)?;
-        let ntok_in: usize = batches.iter().flat_map(|b| &b.lengths).sum();
+        let ntok_in: usize = batches.iter().flat_map(|(b, _)| &b.lengths).sum();
         tokens_seen += ntok_in;
         let tps = ntok_in as f64 / step_start.elapsed().as_secs_f64();
         if first_loss.is_nan() {
@@ -347,6 +421,33 @@ pub fn train(cfg: &Config, s: &mut Setup, masks: Masks, run: RunOptions) -> Resu
         report.steps, skipped, eval.map_or("-".into(), |e| format!("{e:.4}")), report.tokens_per_s, out.display()
     );
     Ok(report)
+}
+
+/// One micro-batch of training examples `idx` with its loss weights; for SLM
+/// also the reference losses laid out like the targets and how many tokens
+/// to keep (the step's loss normaliser is known before any forward).
+fn micro_batch(
+    s: &Setup,
+    idx: &[usize],
+    mask: &LossMask,
+) -> Result<(Batch, Option<(Tensor, usize)>)> {
+    let ex: Vec<&Example> = idx.iter().map(|&i| &s.train[i]).collect();
+    let dev = &s.model.device;
+    match mask {
+        LossMask::All => Ok((data::make_batch(&ex, None, s.tok.pad, dev)?, None)),
+        LossMask::Weights(w) => {
+            let w: Vec<&[f32]> = idx.iter().map(|&i| w[i].as_slice()).collect();
+            Ok((data::make_batch(&ex, Some(&w), s.tok.pad, dev)?, None))
+        }
+        LossMask::Slm { ref_loss, keep } => {
+            let b = data::make_batch(&ex, None, s.tok.pad, dev)?;
+            let r: Vec<&[f32]> = idx.iter().map(|&i| ref_loss[i].as_slice()).collect();
+            let len = b.input.dim(1)?;
+            let grid = Tensor::from_vec(data::label_grid(&ex, &r, len), (ex.len(), len), dev)?;
+            let n_keep = crate::baselines::slm_count(b.n_tokens as usize, *keep);
+            Ok((b, Some((grid, n_keep))))
+        }
+    }
 }
 
 /// LoRA: PEFT adapter (+ merged weights if asked). Full: an HF checkpoint.

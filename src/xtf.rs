@@ -22,17 +22,9 @@ pub struct XtfRun {
     pub reused: bool,
 }
 
-fn section(cfg: &Config) -> Result<&XtfSection> {
-    cfg.xtf.as_ref().ok_or_else(|| Error::Config {
-        file: cfg.source.clone(),
-        key: "xtf".into(),
-        msg: "this command needs an [xtf] section".into(),
-    })
-}
-
 /// Score (or reuse cached scores), build the mask, write the outputs.
 pub fn prepare(cfg: &Config, s: &Setup, rescore: bool, quiet: bool) -> Result<XtfRun> {
-    let x = section(cfg)?;
+    let x: &XtfSection = &cfg.xtf_settings();
     let out = &cfg.output.dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let opts = ScoreOptions::from_config(x, s.model.cfg.num_layers, &cfg.source)?;
@@ -93,7 +85,7 @@ fn write_scores_jsonl(path: &Path, s: &Setup, r: &XtfRun) -> Result<()> {
 
 /// (Re)write `report.html`, with the loss curve once metrics exist.
 pub fn write_report(cfg: &Config, s: &Setup, r: &XtfRun, metrics: &[StepMetrics]) -> Result<()> {
-    let title = format!("XTF report — {}", cfg.data.train.display());
+    let title = format!("XTF report — {}", cfg.data.train);
     let page = html::render(&ReportInput {
         summary: &r.summary,
         mask: &r.mask,

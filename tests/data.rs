@@ -37,10 +37,7 @@ fn tok(tcfg: Option<serde_json::Value>, mcfg: Option<serde_json::Value>) -> Tok 
 }
 
 fn rec(p: &str, r: &str) -> Record {
-    Record {
-        prompt: p.into(),
-        response: r.into(),
-    }
+    Record::pair(p, r)
 }
 
 #[test]
@@ -127,8 +124,8 @@ fn batches_shift_targets_and_never_train_on_prompt_or_padding() {
         ids: vec![1, 7, 2],
         label_start: 2,
     };
-    let keep_a = [true, false];
-    let keep_b = [true];
+    let keep_a = [1.0, 0.0];
+    let keep_b = [1.0];
     let batch = make_batch(
         &[&a, &b],
         Some(&[&keep_a[..], &keep_b[..]]),

@@ -210,9 +210,11 @@ fn masked_token_target_does_not_change_the_gradient() {
     let model = random_model(&cfg, DType::F32, Trainable::Full, 21);
     let ex = random_examples(2, cfg.vocab_size as u32, 22);
     // Example 0: its last label token is masked; example 1: all kept.
-    let mut keep0: Vec<bool> = (0..ex[0].n_labels()).map(|k| k % 2 == 0).collect();
-    *keep0.last_mut().unwrap() = false;
-    let keep1: Vec<bool> = vec![true; ex[1].n_labels()];
+    let mut keep0: Vec<f32> = (0..ex[0].n_labels())
+        .map(|k| (k % 2 == 0) as u8 as f32)
+        .collect();
+    *keep0.last_mut().unwrap() = 0.0;
+    let keep1: Vec<f32> = vec![1.0; ex[1].n_labels()];
     let grads_for = |ex: &[Example]| {
         let refs: Vec<&Example> = ex.iter().collect();
         let keep = [keep0.as_slice(), keep1.as_slice()];

@@ -270,11 +270,11 @@ fn steps_with_no_unmasked_token_are_skipped_and_counted() {
                 .unwrap()
         })
         .collect();
-    let none: Vec<Vec<bool>> = s.train.iter().map(|e| vec![false; e.n_labels()]).collect();
+    let none: Vec<Vec<f32>> = s.train.iter().map(|e| vec![0.0; e.n_labels()]).collect();
     let report = xtf_train::train::train(
         &cfg,
         &mut s,
-        Some(none),
+        &xtf_train::train::LossMask::Weights(none),
         xtf_train::train::RunOptions {
             quiet: true,
             resume: false,
