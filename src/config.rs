@@ -99,8 +99,18 @@ pub struct DataSection {
     pub prompt_field: String,
     #[serde(default = "default_response_field")]
     pub response_field: String,
-    /// Rows holding an array here are chats (`role` / `content` messages),
-    /// rendered with the model's chat template.
+    /// Several fields joined by a newline (empty ones skipped) form the
+    /// prompt instead of `prompt_field`, e.g. `["instruction", "input"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_fields: Vec<String>,
+    /// Use only the first N records of each source (e.g. NuminaMath's 3,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Rows holding an array here are chats (`role` / `content` messages;
+    /// roles `human` / `bot` / `gpt` read as user / assistant). With
+    /// `chat_template` they are rendered with the model's chat template;
+    /// without, a single user/assistant exchange (optionally after a system
+    /// message) becomes a prompt/response pair formatted with `template`.
     #[serde(default = "default_messages_field")]
     pub messages_field: String,
     /// Also render prompt/response rows as a user/assistant chat with the
@@ -595,6 +605,11 @@ impl Config {
             self.data.template.contains("{prompt}"),
             "data.template",
             "must contain {prompt}".into(),
+        );
+        check(
+            self.data.limit != Some(0),
+            "data.limit",
+            "must be >= 1".into(),
         );
         check(
             self.data.max_seq_len >= 2,

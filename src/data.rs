@@ -74,6 +74,50 @@ fn numbered_rows(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
     Ok(out)
 }
 
+/// The synthetic field `prompt_fields` are joined into.
+const JOINED: &str = "\u{0}prompt_fields";
+
+/// Join `fields` (strings or numbers; missing or empty ones skipped) with a
+/// newline into the synthetic field [`JOINED`].
+fn join_fields(row: &mut serde_json::Value, fields: &[String]) {
+    let parts: Vec<String> = fields
+        .iter()
+        .filter_map(|f| match row.get(f) {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            Some(serde_json::Value::Number(x)) => Some(x.to_string()),
+            _ => None,
+        })
+        .collect();
+    if let Some(o) = row.as_object_mut() {
+        o.insert(JOINED.into(), serde_json::Value::String(parts.join("\n")));
+    }
+}
+
+/// `human` / `bot` / `gpt` (CodeExercise, ShareGPT) are user / assistant.
+fn canonical_role(mut m: Message) -> Message {
+    m.role = match m.role.as_str() {
+        "human" => "user".into(),
+        "bot" | "gpt" => "assistant".into(),
+        _ => m.role,
+    };
+    m
+}
+
+/// A chat of one user turn then one assistant turn (after an optional
+/// system message, which is dropped) as a prompt/response pair.
+fn single_exchange(m: &[Message]) -> Option<Record> {
+    let m = match m.first() {
+        Some(first) if first.role == "system" => &m[1..],
+        _ => m,
+    };
+    match m {
+        [u, a] if u.role == "user" && a.role == "assistant" => {
+            Some(Record::pair(u.content.clone(), a.content.clone()))
+        }
+        _ => None,
+    }
+}
+
 /// Read every record of a data source (`data.train` / `data.eval`): local
 /// JSONL / JSON / parquet or a Hub split; chat rows (`messages_field`) and,
 /// with `data.chat_template`, prompt/response rows are rendered with the
@@ -85,24 +129,30 @@ pub fn load_records(
 ) -> Result<Vec<Record>> {
     let mut out = Vec::new();
     let files = source_files(source)?;
+    let limit = d.limit.unwrap_or(usize::MAX);
     for path in &files {
-        for (n, row) in numbered_rows(path)? {
-            let raw = formats::to_record(
-                &row,
-                &d.prompt_field,
-                &d.response_field,
-                &d.messages_field,
-                n,
-            )
-            .map_err(|e| match e {
-                FormatError::Row { field, msg, .. } if msg == "missing" => {
-                    Error::data(path, n, format!("missing field {field:?}"))
+        for (n, mut row) in numbered_rows(path)? {
+            if out.len() >= limit {
+                break;
+            }
+            let prompt_field = match d.prompt_fields.is_empty() {
+                true => d.prompt_field.as_str(),
+                false => {
+                    join_fields(&mut row, &d.prompt_fields);
+                    JOINED
                 }
-                FormatError::Row { field, msg, .. } => {
-                    Error::data(path, n, format!("field {field:?}: {msg}"))
-                }
-                other => other.into(),
-            })?;
+            };
+            let raw =
+                formats::to_record(&row, prompt_field, &d.response_field, &d.messages_field, n)
+                    .map_err(|e| match e {
+                        FormatError::Row { field, msg, .. } if msg == "missing" => {
+                            Error::data(path, n, format!("missing field {field:?}"))
+                        }
+                        FormatError::Row { field, msg, .. } => {
+                            Error::data(path, n, format!("field {field:?}: {msg}"))
+                        }
+                        other => other.into(),
+                    })?;
             let messages = match raw {
                 RawRecord::Pair { prompt, response } if !d.chat_template => {
                     out.push(Record::pair(prompt, response));
@@ -127,10 +177,16 @@ pub fn load_records(
                     });
                     m
                 }
-                RawRecord::Chat { messages } => messages,
+                RawRecord::Chat { messages } => messages.into_iter().map(canonical_role).collect(),
             };
+            if !d.chat_template {
+                out.push(single_exchange(&messages).ok_or_else(|| {
+                    Error::data(path, n, "a chat other than one user/assistant exchange needs data.chat_template = true")
+                })?);
+                continue;
+            }
             let tpl = chat.ok_or_else(|| {
-                Error::data(path, n, "a chat record needs the model's chat_template (tokenizer_config.json has none)")
+                Error::data(path, n, "data.chat_template is set but the model's tokenizer_config.json has no chat_template")
             })?;
             let (prompt, response) = tpl
                 .split_prompt_response(&messages)

@@ -185,3 +185,172 @@ fn jsonl_errors_name_the_line() {
         vec![rec("q", "42")]
     );
 }
+
+// ------------------------------------------------- data sources in [data]
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/formats")
+        .join(name)
+}
+
+fn data_section(extra: &str) -> xtf_train::config::DataSection {
+    #[derive(serde::Deserialize)]
+    struct W {
+        data: xtf_train::config::DataSection,
+    }
+    toml::from_str::<W>(&format!("[data]\ntrain = \"x\"\n{extra}"))
+        .unwrap()
+        .data
+}
+
+fn qwen_template() -> xtf_train::formats::ChatTemplate {
+    xtf_train::formats::ChatTemplate::from_file(&fixture("qwen2.5_tokenizer_config.json"))
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+fn parquet_and_json_sources_give_the_pyarrow_rows() {
+    use xtf_train::data::load_records;
+    let d = data_section("prompt_field = \"question\"\nresponse_field = \"answer\"");
+    let src = fixture("gsm8k_like.parquet").display().to_string();
+    let got = load_records(&src, &d, None).unwrap();
+    let want: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixture("gsm8k_like.expected.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(
+            g,
+            &Record::pair(
+                w["question"].as_str().unwrap(),
+                w["answer"].as_str().unwrap()
+            )
+        );
+    }
+    let d = data_section("prompt_field = \"problem\"\nresponse_field = \"solution\"");
+    let src = fixture("rows.json").display().to_string();
+    assert_eq!(
+        load_records(&src, &d, None).unwrap(),
+        vec![
+            Record::pair("What is 1+1?", "2"),
+            Record::pair("What is 2*3?", "6")
+        ]
+    );
+    // A row without the field: the error names the file and the row.
+    let d = data_section("prompt_field = \"problem\"\nresponse_field = \"answer\"");
+    let e = load_records(&src, &d, None).unwrap_err().to_string();
+    assert!(e.contains("rows.json:1") && e.contains("\"answer\""), "{e}");
+}
+
+#[test]
+fn chat_rows_are_rendered_with_the_chat_template_and_get_no_extra_eos() {
+    use xtf_train::data::load_records;
+    let src = fixture("messages_like.parquet").display().to_string();
+    // Without chat_template a single exchange is a pair (system dropped).
+    assert_eq!(
+        load_records(&src, &data_section(""), None).unwrap(),
+        vec![
+            Record::pair("2+2?", "4"),
+            Record::pair("Capital of France?", "Paris.")
+        ]
+    );
+    let d = data_section("chat_template = true");
+    // With it, a model without a template is an error naming the file and row.
+    let e = load_records(&src, &d, None).unwrap_err().to_string();
+    assert!(
+        e.contains("messages_like.parquet:1") && e.contains("chat_template"),
+        "{e}"
+    );
+    let got = load_records(&src, &d, Some(&qwen_template())).unwrap();
+    // Qwen2.5's ChatML, written out by hand (its default system message
+    // appears when the chat has none).
+    assert_eq!(
+        got,
+        vec![
+            Record {
+                prompt: "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n".into(),
+                response: "4<|im_end|>\n".into(),
+                chat: true
+            },
+            Record {
+                prompt: "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n".into(),
+                response: "Paris.<|im_end|>\n".into(),
+                chat: true
+            },
+        ]
+    );
+    // `chat_template = true` renders prompt/response rows as a chat too.
+    let d = data_section("prompt_field = \"problem\"\nresponse_field = \"solution\"\nchat_template = true\nsystem = \"S\"");
+    let src = fixture("rows.json").display().to_string();
+    let got = load_records(&src, &d, Some(&qwen_template())).unwrap();
+    assert_eq!(
+        got[0],
+        Record {
+            prompt: "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n".into(),
+            response: "2<|im_end|>\n".into(),
+            chat: true
+        }
+    );
+    // A chat record's prompt is used as is and no EOS follows its response.
+    let t = tok(Some(json!({"bos_token": "<s>", "eos_token": "</s>"})), None);
+    let chat = Record {
+        prompt: "Q: a".into(),
+        response: "b c".into(),
+        chat: true,
+    };
+    let (ex, _) = tokenize_one(&chat, &t, "ANS {prompt} ANS", 64).unwrap();
+    assert_eq!(
+        ex.unwrap(),
+        Example {
+            ids: vec![1, 4, 5, 6, 7],
+            label_start: 3
+        }
+    );
+}
+
+#[test]
+fn prompt_fields_limit_and_chat_roles() {
+    use xtf_train::data::load_records;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.jsonl");
+    let rows = [
+        json!({"instruction": "Answer.", "input": "Is it?", "output": "yes"}),
+        json!({"instruction": "Answer.", "input": "", "output": "no"}),
+        json!({"chat_rounds": [{"role": "human", "content": "hi"}, {"role": "bot", "content": "yo"}]}),
+        json!({"chat_rounds": [{"role": "human", "content": "a"}, {"role": "bot", "content": "b"},
+                               {"role": "human", "content": "c"}, {"role": "bot", "content": "d"}]}),
+    ];
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(&p, text).unwrap();
+    let src = p.display().to_string();
+    let fields = "prompt_fields = [\"instruction\", \"input\"]\nresponse_field = \"output\"\nmessages_field = \"chat_rounds\"\n";
+    let d = data_section(&format!("{fields}limit = 3"));
+    assert_eq!(
+        load_records(&src, &d, None).unwrap(),
+        vec![
+            Record::pair("Answer.\nIs it?", "yes"),
+            Record::pair("Answer.", "no"),
+            Record::pair("hi", "yo"),
+        ]
+    );
+    // The fourth row is a two-round chat: it needs the chat template.
+    let e = load_records(&src, &data_section(fields), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("d.jsonl:4") && e.contains("chat_template"),
+        "{e}"
+    );
+    let d = data_section(&format!("{fields}chat_template = true"));
+    let got = load_records(&src, &d, Some(&qwen_template())).unwrap();
+    assert_eq!(got[3].response, "d<|im_end|>\n");
+    assert!(got[3]
+        .prompt
+        .ends_with("<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"));
+    assert!(got[3]
+        .prompt
+        .contains("<|im_start|>assistant\nb<|im_end|>\n"));
+}

@@ -2,61 +2,14 @@
 //! word-level tokenizer): the mask's union semantics for all 8 attribute
 //! combinations, the RI fence, protect_eos, and the score cache.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use xtf_train::config::Config;
 use xtf_train::mask::{build, noisy};
 use xtf_train::train::setup;
 use xtf_train::xtf::prepare;
 
-const WORDS: [&str; 20] = [
-    "the", "cat", "sat", "on", "mat", "and", "then", "ran", "to", "a", "dog", "who", "was", "very",
-    "big", "so", "it", "is", "one", "two",
-];
-
-/// A model dir (fixture weights + a word-level tokenizer) and a dataset.
-fn env() -> (tempfile::TempDir, PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fx.join(f), model.join(f)).unwrap();
-    }
-    let mut vocab: HashMap<String, u32> = HashMap::new();
-    for (i, w) in ["<pad>", "<s>", "</s>", "<unk>"]
-        .iter()
-        .chain(WORDS.iter())
-        .enumerate()
-    {
-        vocab.insert(w.to_string(), i as u32);
-    }
-    let wl = tokenizers::models::wordlevel::WordLevel::builder()
-        .vocab(vocab.into_iter().collect())
-        .unk_token("<unk>".into())
-        .build()
-        .unwrap();
-    let mut tok = tokenizers::Tokenizer::new(wl);
-    tok.with_pre_tokenizer(Some(
-        tokenizers::pre_tokenizers::whitespace::WhitespaceSplit,
-    ));
-    tok.save(model.join("tokenizer.json"), false).unwrap();
-    std::fs::write(
-        model.join("tokenizer_config.json"),
-        r#"{"bos_token": "<s>", "eos_token": "</s>"}"#,
-    )
-    .unwrap();
-    let mut lines = String::new();
-    for i in 0..24usize {
-        let pick = |k: usize| WORDS[(i * 7 + k * 3 + k * k) % WORDS.len()];
-        let prompt: Vec<&str> = (0..3 + i % 3).map(pick).collect();
-        let response: Vec<&str> = (0..4 + i % 5).map(|k| pick(k + 11)).collect();
-        lines += &serde_json::json!({"prompt": prompt.join(" "), "response": response.join(" "), "alt": prompt.join(" ")}).to_string();
-        lines.push('\n');
-    }
-    std::fs::write(d.path().join("train.jsonl"), lines).unwrap();
-    (d, model)
-}
+mod common;
+use common::word_env as env;
 
 fn config(dir: &Path, extra_data: &str, xtf: &str) -> Config {
     let text = format!(

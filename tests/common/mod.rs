@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use xtf_train::data::Example;
 use xtf_train::model::{Model, ModelConfig, Trainable};
 
@@ -103,4 +103,54 @@ pub fn fixture(family: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(family)
+}
+
+pub const WORDS: [&str; 20] = [
+    "the", "cat", "sat", "on", "mat", "and", "then", "ran", "to", "a", "dog", "who", "was", "very",
+    "big", "so", "it", "is", "one", "two",
+];
+
+/// A model dir (the llama fixture's weights + a word-level tokenizer) and a
+/// 24-example dataset `train.jsonl` of its words, in a temp dir.
+pub fn word_env() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fx.join(f), model.join(f)).unwrap();
+    }
+    let mut vocab: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    for (i, w) in ["<pad>", "<s>", "</s>", "<unk>"]
+        .iter()
+        .chain(WORDS.iter())
+        .enumerate()
+    {
+        vocab.insert(w.to_string(), i as u32);
+    }
+    let wl = tokenizers::models::wordlevel::WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("<unk>".into())
+        .build()
+        .unwrap();
+    let mut tok = tokenizers::Tokenizer::new(wl);
+    tok.with_pre_tokenizer(Some(
+        tokenizers::pre_tokenizers::whitespace::WhitespaceSplit,
+    ));
+    tok.save(model.join("tokenizer.json"), false).unwrap();
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "eos_token": "</s>"}"#,
+    )
+    .unwrap();
+    let mut lines = String::new();
+    for i in 0..24usize {
+        let pick = |k: usize| WORDS[(i * 7 + k * 3 + k * k) % WORDS.len()];
+        let prompt: Vec<&str> = (0..3 + i % 3).map(pick).collect();
+        let response: Vec<&str> = (0..4 + i % 5).map(|k| pick(k + 11)).collect();
+        lines += &serde_json::json!({"prompt": prompt.join(" "), "response": response.join(" "), "alt": prompt.join(" ")}).to_string();
+        lines.push('\n');
+    }
+    std::fs::write(d.path().join("train.jsonl"), lines).unwrap();
+    (d, model)
 }
