@@ -113,3 +113,55 @@ fn missing_required_section_is_named() {
     let e = parse("[model]\npath = \"m\"\n[output]\ndir = \"o\"\n").unwrap_err();
     assert!(e.contains("cfg/x.toml") && e.contains("data"), "{e}");
 }
+
+#[test]
+fn sweep_runner_writes_valid_configs_for_every_method() {
+    use xtf_train::config::Strategy;
+    let has_tomllib = std::process::Command::new("python3")
+        .args(["-c", "import tomllib"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_tomllib {
+        eprintln!("skipped: python3 >= 3.11 (tomllib) not found");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new("python3")
+        .arg(root.join("scripts/sweep.py"))
+        .args(["--config", "configs/math.toml", "--dry-run", "--models", "m/a,m/b"])
+        .args(["--set", "train.max_steps=7", "--out"])
+        .arg(out.path())
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = [
+        ("base", Strategy::None),
+        ("normal", Strategy::None),
+        ("double_epochs", Strategy::None),
+        ("data_filter", Strategy::DataFilter),
+        ("slm", Strategy::Slm),
+        ("token_clean", Strategy::TokenClean),
+        ("xtf", Strategy::Xtf),
+    ];
+    for model in ["m_a", "m_b"] {
+        let dir = out.path().join("math").join(model);
+        for (method, strategy) in want {
+            let c = Config::load(&dir.join(method).join("sweep.toml")).unwrap();
+            assert_eq!(c.strategy(), strategy, "{model}/{method}");
+            assert_eq!(c.model.path, model.replace('_', "/"));
+            assert_eq!(c.output.dir, dir.join(method));
+            let steps = if method == "double_epochs" { 14 } else { 7 };
+            assert_eq!(c.train.max_steps, Some(steps), "{method}");
+            assert!(c.eval.is_some_and(|e| e.after_train && !e.tasks.is_empty()));
+            if matches!(method, "data_filter" | "slm" | "token_clean") {
+                let m = c.mask.unwrap();
+                assert_eq!(m.reference.unwrap(), dir.join("reference").display().to_string());
+                assert_eq!(m.keep_ratio, 0.6);
+            }
+        }
+        let r = Config::load(&dir.join("reference/sweep.toml")).unwrap();
+        assert_eq!((r.strategy(), r.train.max_steps), (Strategy::None, Some(100)));
+    }
+}
