@@ -93,6 +93,22 @@ fn join_fields(row: &mut serde_json::Value, fields: &[String]) {
     }
 }
 
+/// A one-exchange chat: optional system message, the user's `prompt`, and
+/// the assistant's `response` if given.
+pub fn user_chat(system: Option<&str>, prompt: String, response: Option<String>) -> Vec<Message> {
+    let msg = |role: &str, content: String| Message {
+        role: role.into(),
+        content,
+    };
+    let mut m: Vec<Message> = system
+        .map(|s| msg("system", s.into()))
+        .into_iter()
+        .collect();
+    m.push(msg("user", prompt));
+    m.extend(response.map(|r| msg("assistant", r)));
+    m
+}
+
 /// `human` / `bot` / `gpt` (CodeExercise, ShareGPT) are user / assistant.
 fn canonical_role(mut m: Message) -> Message {
     m.role = match m.role.as_str() {
@@ -159,23 +175,7 @@ pub fn load_records(
                     continue;
                 }
                 RawRecord::Pair { prompt, response } => {
-                    let mut m: Vec<Message> = d
-                        .system
-                        .iter()
-                        .map(|s| Message {
-                            role: "system".into(),
-                            content: s.clone(),
-                        })
-                        .collect();
-                    m.push(Message {
-                        role: "user".into(),
-                        content: prompt,
-                    });
-                    m.push(Message {
-                        role: "assistant".into(),
-                        content: response,
-                    });
-                    m
+                    user_chat(d.system.as_deref(), prompt, Some(response))
                 }
                 RawRecord::Chat { messages } => messages.into_iter().map(canonical_role).collect(),
             };
