@@ -1,9 +1,10 @@
 //! Running untrusted model-written Python (HumanEval) in a child process.
 //!
-//! **What isolation this provides — and what it does not.** Each program runs
-//! as its own `python3 -I -B` process, in a fresh temporary directory that is
-//! its working directory and `$HOME`, with stdin closed, a cleared environment,
-//! and these limits applied in the child before `exec`:
+//! **What isolation this provides — and what it does not** (the long form,
+//! with the reasoning, is `docs/sandbox.md`). Each program runs as its own
+//! `python3 -I -B` process, in a fresh temporary directory that is its
+//! working directory, `$HOME` and `$TMPDIR`, with stdin closed, a cleared
+//! environment, and these limits applied in the child before `exec`:
 //!
 //! - wall-clock timeout (default 3 s): on expiry the whole process group is
 //!   killed with SIGKILL, so children and grandchildren die with it;
@@ -19,15 +20,56 @@
 //!   process, so even children that leave the process group (`setsid`) are
 //!   killed. Without `unshare` the program has the host's network.
 //!
-//! It is **not** a security boundary. There is no file-system isolation: the
-//! program runs as the calling user and can read, write or delete anything
-//! that user can (outside the temporary directory too), and can see other
-//! processes. Nor is the pass sentinel tamper-proof: a completion written to
-//! defeat the harness can find the per-run nonce in its own code object.
-//! The harness is built to score *mistaken* code — crashes, hangs, fork
-//! loops, runaway memory, early `sys.exit(0)` — not malicious code. Run it in
-//! a container or VM you are willing to lose when the model is untrusted.
-//! `isolation()` reports which layers are active on the machine at hand.
+//! Writes to the file system outside the temporary directory are contained
+//! by two layers; a run that attempts one does not pass and changes nothing:
+//!
+//! 1. **Read-only mounts (kernel)**, where `unshare --mount` works with the
+//!    PID namespace (`isolation().filesystem`): in a private mount
+//!    namespace every mount is remounted read-only and `nodev` except the
+//!    temporary directory (bind-mounted onto itself, writable but `nosuid`,
+//!    `nodev`, `noexec`) and five harmless devices (`/dev/null`, `zero`,
+//!    `full`, `random`, `urandom`); `/proc` is the PID namespace's own, so
+//!    `/proc/<pid>/root` of outside processes is out of reach; then every
+//!    capability is dropped (bounding set included) and `no_new_privs` set,
+//!    so the program cannot remount, and in any user namespace it creates
+//!    the mounts are locked read-only. A write elsewhere fails with `EROFS`
+//!    (or `EXDEV`), whatever code makes it.
+//! 2. **Audit hook (interpreter)**, in every run (also without namespaces,
+//!    e.g. in a CI container): before the program runs, a `sys.addaudithook`
+//!    hook, which cannot be removed, ends the process at once (`SandboxError:
+//!    ...` on stderr, exit 1, so `except` cannot swallow it and the pass
+//!    sentinel is never printed) on: `open` for writing, `os.remove`,
+//!    `rmdir`, `rename`/`replace`, `mkdir`, `chmod`, `chown`, `utime`,
+//!    `truncate`, `link`, `symlink`, `setxattr`, `mkfifo`, `mknod`,
+//!    `shutil.rmtree` and `sqlite3.connect` on a path outside the directory
+//!    (symlinks resolved); opening a directory outside it (a `dir_fd` for
+//!    `os.open`, which is audited without it); any process creation (`fork`,
+//!    `exec*`, `posix_spawn`, `system`, `subprocess`); `ctypes` foreign calls,
+//!    symbol look-ups, raw memory and libraries loaded by path (a bare
+//!    `import ctypes` stays allowed: numpy does it); `socket.connect`/`bind`/
+//!    `sendto`/`sendmsg` and name look-ups; `resource.setrlimit`; signals to
+//!    other processes.
+//!    Reads stay allowed. Python >= 3.8 is needed; older ones crash every run.
+//!
+//! `SandboxLimits::read_only_mounts` and `audit_hook` turn a layer off for
+//! a run (the tests do, to prove each alone); `isolation()` reports (and
+//! logs once) which kernel layers work on the machine at hand.
+//!
+//! It is **not** a security boundary against code written to escape. What
+//! stays possible: **reading** anything the user can read (both layers
+//! allow reads); with the hook alone, anything native code does (a C
+//! extension calling `write`, `unlink` or `fork` itself is not audited),
+//! races between the hook's path check and the operation (symlink swaps),
+//! and tampering with the Python objects the hook relies on; with the
+//! mounts, connecting to Unix-domain sockets and writing to FIFOs that exist
+//! on the file system, and System V IPC (no IPC namespace). There is no
+//! seccomp filter. Without the kernel layer the program runs as the calling
+//! user with that user's permissions, and sees all processes. Nor is the
+//! pass sentinel tamper-proof: a completion written to defeat the harness
+//! can find the per-run nonce in its own code object. The harness is built
+//! to score *mistaken* code — crashes, hangs, fork loops, runaway memory,
+//! early `sys.exit(0)`, stray file writes — not malicious code. Run it in a
+//! container or VM you are willing to lose when the model is untrusted.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -59,6 +101,18 @@ pub struct SandboxLimits {
     /// The interpreter; resolved once through `sys.executable`, so a pyenv
     /// shim does not cost a shell and a few processes per run.
     pub python: PathBuf,
+    /// File-system layer 1 (kernel), used where `isolation().filesystem`:
+    /// run in a mount namespace where every mount except the run's
+    /// temporary directory is read-only. `false` turns it off for this run
+    /// (tests use that to exercise layer 2 alone, as on a machine without
+    /// user namespaces).
+    pub read_only_mounts: bool,
+    /// File-system layer 2 (interpreter), used everywhere: a Python audit
+    /// hook that ends the run on a write outside the temporary directory, on
+    /// process creation, `ctypes`, sockets and rlimit changes. `false` turns
+    /// it off for this run (tests use that to exercise the kernel limits on
+    /// processes, which the hook would otherwise stop first).
+    pub audit_hook: bool,
 }
 
 impl Default for SandboxLimits {
@@ -70,6 +124,8 @@ impl Default for SandboxLimits {
             max_procs: 64,
             file_bytes: 16 << 20,
             python: PathBuf::from("python3"),
+            read_only_mounts: true,
+            audit_hook: true,
         }
     }
 }
@@ -107,7 +163,14 @@ pub struct Isolation {
     pub pids_cgroup: bool,
     /// `RLIMIT_NPROC` binds: the real user id is not root.
     pub nproc_rlimit: bool,
-    /// Always false: no mount namespace or chroot is used.
+    /// File-system layer 1 works here: a mount namespace (`unshare
+    /// --mount`, which needs the PID namespace too) in which every mount
+    /// but the run's temporary directory is remounted read-only and `nodev`,
+    /// `/proc` is the PID namespace's own, and the program holds no
+    /// capabilities (so it cannot remount). Probed by running the setup once
+    /// with the default `python3`. Layer 2, the audit hook, is not probed:
+    /// it is installed in every run unless `SandboxLimits::audit_hook` is
+    /// false, and a run whose interpreter lacks it (Python < 3.8) crashes.
     pub filesystem: bool,
     unshare_flags: Vec<&'static str>,
     cgroup_base: Option<PathBuf>,
@@ -126,16 +189,27 @@ pub fn isolation() -> &'static Isolation {
     ISO.get_or_init(|| {
         let unshare_flags = probe_unshare();
         let cgroup_base = probe_pids_cgroup();
-        Isolation {
+        let filesystem = unshare_flags.contains(&"--pid") && probe_read_only_mounts(&unshare_flags);
+        let iso = Isolation {
             network: !unshare_flags.is_empty(),
             pid_namespace: unshare_flags.contains(&"--pid"),
             pids_cgroup: cgroup_base.is_some(),
             // SAFETY: getuid cannot fail.
             nproc_rlimit: unsafe { libc::getuid() } != 0,
-            filesystem: false,
+            filesystem,
             unshare_flags,
             cgroup_base,
-        }
+        };
+        tracing::info!(
+            "sandbox isolation: read-only mounts {}, network namespace {}, PID namespace {}, \
+             pids cgroup {}, RLIMIT_NPROC {}; Python audit hook in every run",
+            iso.filesystem,
+            iso.network,
+            iso.pid_namespace,
+            iso.pids_cgroup,
+            iso.nproc_rlimit
+        );
+        iso
     })
 }
 
@@ -179,26 +253,15 @@ fn run_inner(program: &str, limits: &SandboxLimits) -> std::io::Result<Outcome> 
         let msg = format!("{} does not start", limits.python.display());
         std::io::Error::new(std::io::ErrorKind::NotFound, msg)
     })?;
-    let mut cmd = if iso.unshare_flags.is_empty() {
-        Command::new(&python)
-    } else {
-        let mut c = Command::new("unshare");
-        c.args(&iso.unshare_flags).arg("--").arg(&python);
-        c
-    };
-    cmd.args(["-I", "-B"])
-        .arg(&prog)
-        .current_dir(dir.path())
-        .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-        )
-        .env("HOME", dir.path())
-        .env("TMPDIR", dir.path())
-        .env("LC_ALL", "C.UTF-8")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+    let kernel = limits.read_only_mounts && iso.filesystem;
+    let mut cmd = python_command(
+        &python,
+        &iso.unshare_flags,
+        kernel,
+        limits.audit_hook,
+        dir.path(),
+    );
+    cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
     // Stragglers need killing by pid only where no PID namespace took them down.
@@ -218,6 +281,43 @@ fn run_inner(program: &str, limits: &SandboxLimits) -> std::io::Result<Outcome> 
     Ok(classify(run?))
 }
 
+/// The command that runs `prog.py` in `dir` through `BOOTSTRAP`: under
+/// `unshare` when `unshare_flags` is not empty (with `--mount` added for
+/// layer 1), with stdin closed and a cleared environment.
+fn python_command(
+    python: &Path,
+    unshare_flags: &[&str],
+    kernel: bool,
+    hook: bool,
+    dir: &Path,
+) -> Command {
+    let mut cmd = if unshare_flags.is_empty() {
+        Command::new(python)
+    } else {
+        let mut c = Command::new("unshare");
+        c.args(unshare_flags);
+        if kernel {
+            c.arg("--mount");
+        }
+        c.arg("--").arg(python);
+        c
+    };
+    let flag = |on: bool| if on { "1" } else { "0" };
+    cmd.args(["-I", "-B", "-c", BOOTSTRAP, flag(kernel), flag(hook)])
+        .arg(dir.join("prog.py"))
+        .current_dir(dir)
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        )
+        .env("HOME", dir)
+        .env("TMPDIR", dir)
+        .env("LC_ALL", "C.UTF-8")
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// 128 random bits as hex, from the kernel; the std hasher's random keys
 /// when /dev/urandom is unreadable.
 fn nonce() -> String {
@@ -234,6 +334,269 @@ fn nonce() -> String {
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+// ------------------------------------------------------------ bootstrap
+
+/// The Python that runs first in every run (`python -I -B -c BOOTSTRAP
+/// <kernel 0|1> <hook 0|1> <prog.py>`, working directory = the run's
+/// temporary directory): layer 1 (read-only mounts, then no capabilities)
+/// when asked, layer 2 (the audit hook) when asked, then `prog.py` as
+/// `__main__`. A blocked operation writes `SandboxError: ...` to fd 2 and
+/// `_exit(1)`s at once, so no `except` in the program can swallow it and
+/// the sentinel at the end of `prog.py` is never reached. A setup that
+/// fails does the same, so a run never proceeds with less isolation than
+/// it was asked for.
+const BOOTSTRAP: &str = r##"import os, sys
+
+
+def _xtf_deny(what, event, args):
+    # Never returns, whatever the arguments' repr does.
+    try:
+        detail = repr(args)
+        if len(detail) > 200:
+            detail = detail[:200] + '...'
+        msg = 'SandboxError: %s: %s%s\n' % (what, event, detail)
+        os.write(2, msg.encode('utf-8', 'backslashreplace'))
+    except BaseException:
+        os.write(2, b'SandboxError: ' + what.encode() + b': ' + event.encode() + b'\n')
+    finally:
+        os._exit(1)
+
+
+def _xtf_readonly_mounts():
+    # Layer 1, in the mount namespace `unshare --mount` made: every mount
+    # read-only (and nodev) except the run directory, a fresh /proc for the
+    # PID namespace, then all capabilities dropped so nothing is remounted.
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(src, dst, fs, flags):
+        if libc.mount(src, dst, fs, flags, None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, 'mount %s: %s' % (dst.decode(), os.strerror(err)))
+
+    RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC = 1, 2, 4, 8, 32, 4096, 16384
+    PRIVATE = 1 << 18
+    KEEP = {b'nosuid': NOSUID, b'nodev': NODEV, b'noexec': NOEXEC, b'noatime': 1024,
+            b'nodiratime': 2048, b'relatime': 1 << 21, b'nosymfollow': 256}
+    root = os.path.realpath(os.getcwd()).encode()
+    mount(b'none', b'/', None, REC | PRIVATE)
+    mount(b'proc', b'/proc', b'proc', NOSUID | NODEV | NOEXEC)
+    mount(root, root, None, BIND)
+    mount(None, root, None, REMOUNT | BIND | NOSUID | NODEV | NOEXEC)
+    devices = [d for d in (b'/dev/null', b'/dev/zero', b'/dev/full', b'/dev/random',
+                           b'/dev/urandom') if os.path.exists(d)]
+    for d in devices:
+        mount(d, d, None, BIND)
+    os.chdir(root)
+    with open('/proc/self/mountinfo', 'rb') as f:
+        rows = [line.split(b' ') for line in f.read().splitlines()]
+    for row in rows:
+        point = row[4]
+        for esc in (b'\\040', b'\\011', b'\\012', b'\\134'):
+            point = point.replace(esc, bytes([int(esc[1:], 8)]))
+        if point == root:
+            continue
+        flags = REMOUNT | BIND | RDONLY
+        for opt in row[5].split(b','):
+            flags |= KEEP.get(opt, 0)
+        if point not in devices:
+            flags |= NODEV
+        try:
+            mount(None, point, None, flags)
+        except OSError as e:
+            if e.errno not in (2, 13):  # ENOENT, EACCES: unreachable, so unwritable
+                raise
+    for cap in range(64):  # PR_CAPBSET_DROP until EINVAL
+        if libc.prctl(24, cap, 0, 0, 0) != 0:
+            break
+    libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
+        raise OSError(ctypes.get_errno(), 'capset')
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+
+
+def _xtf_audit_hook(root):
+    # Layer 2: an audit hook (it cannot be removed) that ends the run on a
+    # write outside `root`, process creation, ctypes, sockets, rlimits.
+    import posixpath, stat
+    realpath, join, dirname, basename = (posixpath.realpath, posixpath.join,
+                                         posixpath.dirname, posixpath.basename)
+    fspath, fsdecode, getcwd, readlink, stat_, getpid = (
+        os.fspath, os.fsdecode, os.getcwd, os.readlink, os.stat, os.getpid)
+    S_ISDIR, deny = stat.S_ISDIR, _xtf_deny
+    WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    prefix = root + '/'
+
+    def fd_path(fd):
+        path = readlink('/proc/self/fd/%d' % fd)
+        if not path.startswith('/'):  # pipe:[...], socket:[...]: no path
+            raise ValueError(path)
+        return path
+
+    def absolute(path, dir_fd=None):
+        if isinstance(path, int):
+            return fd_path(path)
+        path = fsdecode(fspath(path))
+        if path.startswith('/'):
+            return path
+        base = fd_path(dir_fd) if dir_fd is not None and dir_fd >= 0 else getcwd()
+        return join(base, path)
+
+    def inside(path):
+        return path == root or path.startswith(prefix)
+
+    def target(path, dir_fd=None):  # follows a final symlink
+        return realpath(absolute(path, dir_fd))
+
+    def entry(path, dir_fd=None):  # the directory entry itself
+        p = absolute(path, dir_fd)
+        return join(realpath(dirname(p)), basename(p))
+
+    OUTSIDE = 'write outside the sandbox directory'
+
+    def check_open(args):
+        path, _mode, flags = args
+        if isinstance(path, int):
+            return True
+        if flags & WRITE:
+            p = fsdecode(fspath(path))
+            if not p.startswith('/') and '..' in p.split('/'):
+                return False
+            t = target(path)
+            return inside(t) or t == '/dev/null'
+        # No directory fd outside: os.open(..., dir_fd=) is audited without it.
+        try:
+            st = stat_(path)
+        except (OSError, ValueError):
+            return True
+        if S_ISDIR(st.st_mode) and not inside(target(path)):
+            deny('directory handle outside the sandbox directory', 'open', args)
+        return True
+
+    def symlink_ok(args):
+        src, dst, dir_fd = args[:3]
+        link = entry(dst, dir_fd)
+        s = fsdecode(fspath(src))
+        return inside(link) and inside(realpath(s if s.startswith('/') else
+                                                join(dirname(link), s)))
+
+    WRITES = {
+        'open': check_open,
+        'os.remove': lambda a: inside(entry(a[0], a[1])),
+        'os.rmdir': lambda a: inside(entry(a[0], a[1])),
+        'os.mkdir': lambda a: inside(entry(a[0], a[2])),
+        'os.rename': lambda a: inside(entry(a[0], a[2])) and inside(entry(a[1], a[3])),
+        'os.link': lambda a: (inside(target(a[0], a[2])) and inside(entry(a[0], a[2]))
+                              and inside(entry(a[1], a[3]))),
+        'os.symlink': symlink_ok,
+        'os.chmod': lambda a: inside(target(a[0], a[2])),
+        'os.chown': lambda a: inside(target(a[0], a[3])),
+        'os.utime': lambda a: inside(target(a[0], a[3])),
+        'os.truncate': lambda a: inside(target(a[0])),
+        'os.setxattr': lambda a: inside(target(a[0])),
+        'os.removexattr': lambda a: inside(target(a[0])),
+        'os.chflags': lambda a: inside(target(a[0])),
+        'os.lchflags': lambda a: inside(target(a[0])),
+        'shutil.rmtree': lambda a: inside(target(a[0], a[1] if len(a) > 1 else None)),
+        'sqlite3.connect': lambda a: (fspath(a[0]) in (':memory:', '', b':memory:', b'')
+                                      or inside(target(a[0]))),
+    }
+    BLOCKED = {
+        'os.system': 'process creation', 'os.exec': 'process creation',
+        'os.fork': 'process creation', 'os.forkpty': 'process creation',
+        'os.posix_spawn': 'process creation', 'os.spawn': 'process creation',
+        'subprocess.Popen': 'process creation', 'os.startfile': 'process creation',
+        'socket.connect': 'network', 'socket.bind': 'network',
+        'socket.sendto': 'network', 'socket.sendmsg': 'network',
+        'socket.getaddrinfo': 'network', 'socket.gethostbyname': 'network',
+        'socket.gethostbyaddr': 'network', 'socket.getnameinfo': 'network',
+        'resource.setrlimit': 'resource limits',
+    }
+
+    CTYPES_HARMLESS = {'ctypes.addressof', 'ctypes.get_errno', 'ctypes.set_errno',
+                       'ctypes.create_string_buffer', 'ctypes.create_unicode_buffer',
+                       'ctypes.cdata/buffer'}
+
+    def verdict(event, args):  # None, or why the event is blocked
+        check = WRITES.get(event)
+        if check is not None:
+            return None if check(args) else OUTSIDE
+        if event in BLOCKED:
+            return BLOCKED[event] + ' is not allowed'
+        if event.startswith('ctypes.'):
+            # `import ctypes` (numpy imports it) opens the running program;
+            # foreign calls, symbol look-ups, raw memory and libraries by
+            # path are what would bypass this hook.
+            if event == 'ctypes.dlopen' and (args[0] is None or '/' not in fsdecode(args[0])):
+                return None
+            return None if event in CTYPES_HARMLESS else 'ctypes is not allowed'
+        if event == 'os.kill' or event == 'os.killpg':
+            if args[0] not in (0, getpid()):
+                return 'signals to other processes are not allowed'
+        elif event == 'resource.prlimit' and len(args) > 2 and args[2] is not None:
+            return 'resource limits are not allowed'
+        return None
+
+    def hook(event, args):
+        try:
+            why = verdict(event, args)
+        except BaseException:
+            why = 'sandbox check failed'
+        if why is not None:
+            deny(why, event, args)
+
+    sys.addaudithook(hook)
+
+    # Not audited: creating a FIFO or node, and the fork+exec primitive of
+    # `subprocess` (whose own event the hook sees first).
+    def guarded(name, original):
+        def call(path, *args, **kwargs):
+            if not inside(entry(path, kwargs.get('dir_fd'))):
+                deny(OUTSIDE, 'os.' + name, (path,) + args)
+            return original(path, *args, **kwargs)
+        return call
+    import posix
+    for name in ('mkfifo', 'mknod'):
+        if hasattr(posix, name):
+            wrapped = guarded(name, getattr(posix, name))
+            setattr(posix, name, wrapped)
+            setattr(os, name, wrapped)
+    try:
+        import _posixsubprocess
+    except ImportError:
+        pass
+    else:
+        def fork_exec(*args):
+            deny('process creation is not allowed', '_posixsubprocess.fork_exec', ())
+        _posixsubprocess.fork_exec = fork_exec
+
+
+def _xtf_main():
+    kernel, hook, prog = sys.argv[1] == '1', sys.argv[2] == '1', sys.argv[3]
+    try:
+        if kernel:
+            _xtf_readonly_mounts()
+        if hook:
+            if not hasattr(sys, 'addaudithook'):
+                raise RuntimeError('Python >= 3.8 is needed for the audit hook')
+            _xtf_audit_hook(os.path.realpath(os.getcwd()))
+        with open(prog, 'rb') as f:
+            source = f.read()
+    except Exception as e:
+        _xtf_deny('sandbox setup failed', type(e).__name__, (str(e),))
+    import types
+    main = types.ModuleType('__main__')
+    main.__file__ = prog
+    main.__builtins__ = __builtins__
+    sys.modules['__main__'] = main
+    sys.argv = [prog]
+    exec(compile(source, prog, 'exec'), main.__dict__)
+
+
+_xtf_main()
+"##;
 
 // ------------------------------------------------------------ supervision
 
@@ -713,6 +1076,48 @@ fn probe_unshare() -> Vec<&'static str> {
         }
     }
     Vec::new()
+}
+
+/// Whether layer 1 works: the bootstrap, under `unshare_flags` plus
+/// `--mount`, makes the parent of the temporary directory read-only
+/// (`EROFS`) while the directory itself stays writable. Needs `python3`.
+fn probe_read_only_mounts(unshare_flags: &[&str]) -> bool {
+    let Some(python) = resolve_python(Path::new("python3")) else {
+        return false;
+    };
+    let Ok(dir) = tempfile::Builder::new()
+        .prefix("xtf-sandbox-probe-")
+        .tempdir()
+    else {
+        return false;
+    };
+    let Some(parent) = dir.path().parent() else {
+        return false;
+    };
+    let outside = parent.join(format!("xtf-sandbox-probe-{}", nonce()));
+    let program = format!(
+        "import errno, os\n\
+         open('inside', 'w').write('ok')\n\
+         try:\n    \
+             open({:?}, 'w')\n\
+         except OSError as e:\n    \
+             assert e.errno == errno.EROFS, e\n\
+         else:\n    \
+             raise SystemExit(1)\n\
+         os.write(1, b'read-only')\n",
+        outside.display().to_string()
+    );
+    if std::fs::write(dir.path().join("prog.py"), program).is_err() {
+        return false;
+    }
+    let cmd = python_command(&python, unshare_flags, true, false, dir.path());
+    let ok = output_within(cmd, Duration::from_secs(10))
+        .is_some_and(|(ok, out)| ok && out == b"read-only");
+    let escaped = outside.exists();
+    if escaped {
+        let _ = std::fs::remove_file(&outside);
+    }
+    ok && !escaped && dir.path().join("inside").exists()
 }
 
 /// `sys.executable` of `python`, cached per path; None if it does not start.
