@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use xtf_train::config::{Config, Strategy};
-use xtf_train::{baselines, tiny, train, xtf};
+use xtf_train::{baselines, eval, tiny, train, xtf};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -68,11 +68,45 @@ enum Cmd {
         #[arg(long)]
         stop: Vec<String>,
     },
+    /// Run the config's [eval] benchmarks on its model (plus a LoRA adapter,
+    /// or a full fine-tuning output): eval.json and eval_samples.jsonl in output.dir.
+    Eval {
+        /// PEFT adapter directory (e.g. the output.dir of a LoRA run).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Evaluate this HF-format model directory (e.g. the output.dir of a
+        /// full fine-tuning run) instead of model.path.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Score the completions in this JSONL file ({"id", "completion"} or
+        /// {"id", "completions": [..]} per line) instead of generating.
+        #[arg(long, conflicts_with_all = ["adapter", "model"])]
+        completions: Option<PathBuf>,
+    },
     /// Create the embedded tiny model, tokenizer and dataset (offline, deterministic).
     InitTiny {
         #[arg(long)]
         out: PathBuf,
         /// CPU threads for the pre-training (1 is fastest at this size).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Create the controlled noise experiment's data in DIR: the tiny base
+    /// model, noisy train.jsonl, per-label-token noise.jsonl, clean test.jsonl.
+    InitControlled {
+        #[arg(long)]
+        out: PathBuf,
+        /// Target share of injected noise bytes per training response.
+        #[arg(long, default_value_t = 0.4)]
+        noise_rate: f64,
+        /// Seed of the problems and of the noise.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long, default_value_t = 240)]
+        n_train: usize,
+        #[arg(long, default_value_t = 100)]
+        n_test: usize,
+        /// CPU threads for the base model's pre-training.
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
@@ -108,6 +142,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Cmd::InitTiny { out, threads }) => {
             set_cpu_threads(Some(threads));
             tiny::init(&out, &tiny::TinySpec::default())?
+        }
+        Some(Cmd::InitControlled {
+            out,
+            noise_rate,
+            seed,
+            n_train,
+            n_test,
+            threads,
+        }) => {
+            set_cpu_threads(Some(threads));
+            let spec = xtf_train::controlled::ControlledSpec {
+                seed,
+                n_train,
+                n_test,
+                noise_rate,
+            };
+            let stats = xtf_train::controlled::init(&out, &spec)?;
+            println!("{}", serde_json::to_string(&stats)?);
         }
         Some(Cmd::Generate {
             prompt,
@@ -148,6 +200,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let out = xtf_train::gen::generate(&model, &tok, &[ids], &opts)?;
             println!("{}", out[0].text);
         }
+        Some(Cmd::Eval {
+            adapter,
+            model,
+            completions,
+        }) => {
+            let cfg = config()?;
+            eval_cmd(&cfg, adapter, model, completions, cli.quiet)?;
+        }
         Some(Cmd::Score) => {
             let cfg = config()?;
             let setup = train::setup(&cfg)?;
@@ -155,6 +215,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Cmd::Train) | None => {
             let cfg = config()?;
+            let eval_after = cfg.eval.as_ref().is_some_and(|e| e.after_train);
+            if eval_after {
+                // A bad [eval] task fails now, not after the training run.
+                eval::check(&cfg)?;
+            }
             let mut setup = train::setup(&cfg)?;
             // The mask first (XTF: score with the base model), then train on it.
             let (run, mask) = match cfg.strategy() {
@@ -177,7 +242,66 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(r) = &run {
                 xtf::write_report(&cfg, &setup, r, &report.metrics)?;
             }
+            if eval_after {
+                let opts = eval::EvalOptions {
+                    quiet: cli.quiet,
+                    label: format!("{} trained in memory", cfg.output.dir.display()),
+                };
+                let source = eval::Source::Model {
+                    model: &setup.model,
+                    tok: &setup.tok,
+                    model_dir: &setup.model_dir,
+                };
+                eval::run(&cfg, source, &opts)?;
+            }
         }
     }
+    Ok(())
+}
+
+/// `eval`: score a completions file, or load the model (model.path or
+/// `--model`, plus an adapter) and generate. The tasks are checked before
+/// the model is loaded.
+fn eval_cmd(
+    cfg: &Config,
+    adapter: Option<PathBuf>,
+    model: Option<PathBuf>,
+    completions: Option<PathBuf>,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    if let Some(file) = &completions {
+        let label = format!("completions {}", file.display());
+        let opts = eval::EvalOptions { quiet, label };
+        eval::run(cfg, eval::Source::Completions(file), &opts)?;
+        return Ok(());
+    }
+    eval::check(cfg)?;
+    let dir = match model {
+        Some(dir) => dir,
+        None => {
+            if let Some(t) = &cfg.model.init_tiny {
+                tiny::ensure(t)?;
+            }
+            xtf_train::model::resolve_model_dir(&cfg.model.path, cfg.model.revision.as_deref())?
+        }
+    };
+    let tok = xtf_train::tokenizer::Tok::load(&dir)?;
+    let mut m = xtf_train::model::Model::load(
+        &dir,
+        cfg.model.dtype.dtype(),
+        &cfg.device()?,
+        xtf_train::model::Trainable::Frozen,
+    )?;
+    let mut label = dir.display().to_string();
+    if let Some(a) = &adapter {
+        xtf_train::lora::load_adapter(&mut m, a)?;
+        label = format!("{label} + adapter {}", a.display());
+    }
+    let source = eval::Source::Model {
+        model: &m,
+        tok: &tok,
+        model_dir: &dir,
+    };
+    eval::run(cfg, source, &eval::EvalOptions { quiet, label })?;
     Ok(())
 }
