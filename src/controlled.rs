@@ -69,24 +69,8 @@ pub const TEMPLATE: &str = crate::tiny::TINY_TEMPLATE;
 /// Number of problem families of the controlled task.
 pub const N_FAMILIES: usize = 3;
 
-const NAMES: [(&str, bool); 16] = [
-    ("Natalia", true),
-    ("James", false),
-    ("Maria", true),
-    ("Tom", false),
-    ("Aisha", true),
-    ("Carlos", false),
-    ("Emma", true),
-    ("Liam", false),
-    ("Sofia", true),
-    ("Noah", false),
-    ("Mei", true),
-    ("Omar", false),
-    ("Hannah", true),
-    ("Ben", false),
-    ("Priya", true),
-    ("Lucas", false),
-];
+/// The first 16 of `synth`'s names (the set the task was designed with).
+const NAMES: &[(&str, bool)] = crate::synth::NAMES.split_at(16).0;
 
 /// Package sizes the task is about, `(item, package, per package)`: the
 /// fine-tuning set's "knowledge". Prompts never state the size; every answer
@@ -124,7 +108,7 @@ impl Gen {
     fn people(&mut self, k: usize) -> Vec<Person> {
         let mut out: Vec<Person> = Vec::with_capacity(k);
         while out.len() < k {
-            let (name, female) = self.pick(&NAMES);
+            let (name, female) = self.pick(NAMES);
             if out.iter().all(|p| p.name != name) {
                 let she = if female { "she" } else { "he" };
                 out.push(Person { name, she });

@@ -175,7 +175,8 @@ struct Person {
     his: &'static str,
 }
 
-const NAMES: [(&str, bool); 24] = [
+/// First names with whether "she" applies; shared with `controlled`.
+pub(crate) const NAMES: [(&str, bool); 24] = [
     ("Natalia", true),
     ("James", false),
     ("Maria", true),

@@ -129,7 +129,13 @@ fn sweep_runner_writes_valid_configs_for_every_method() {
     let out = tempfile::tempdir().unwrap();
     let o = std::process::Command::new("python3")
         .arg(root.join("scripts/sweep.py"))
-        .args(["--config", "configs/math.toml", "--dry-run", "--models", "m/a,m/b"])
+        .args([
+            "--config",
+            "configs/math.toml",
+            "--dry-run",
+            "--models",
+            "m/a,m/b",
+        ])
         .args(["--set", "train.max_steps=7", "--out"])
         .arg(out.path())
         .current_dir(root)
@@ -157,11 +163,17 @@ fn sweep_runner_writes_valid_configs_for_every_method() {
             assert!(c.eval.is_some_and(|e| e.after_train && !e.tasks.is_empty()));
             if matches!(method, "data_filter" | "slm" | "token_clean") {
                 let m = c.mask.unwrap();
-                assert_eq!(m.reference.unwrap(), dir.join("reference").display().to_string());
+                assert_eq!(
+                    m.reference.unwrap(),
+                    dir.join("reference").display().to_string()
+                );
                 assert_eq!(m.keep_ratio, 0.6);
             }
         }
         let r = Config::load(&dir.join("reference/sweep.toml")).unwrap();
-        assert_eq!((r.strategy(), r.train.max_steps), (Strategy::None, Some(100)));
+        assert_eq!(
+            (r.strategy(), r.train.max_steps),
+            (Strategy::None, Some(100))
+        );
     }
 }
