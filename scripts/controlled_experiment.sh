@@ -15,8 +15,9 @@
 #   OUT         output directory [runs/controlled]
 #   SEEDS       training seeds (train.seed) [1 2 3]
 #   ARMS        arms to run [normal xtf]; also available: clean (normal
-#               fine-tuning on the same problems without noise, the ceiling)
-#               and oracle (masks exactly the injected tokens via a sidecar)
+#               fine-tuning on the same problems without noise, the ceiling),
+#               oracle (masks exactly the injected tokens via a sidecar) and
+#               xtf_eos (XTF with xtf.protect_eos = true; a post-hoc variant)
 #   NOISE_RATE  target noise share of response bytes [0.4]
 #   DATA_SEED   seed of the problems and the noise [7]
 #   STEPS       optimizer steps per run [80]
@@ -59,7 +60,7 @@ fi
 # One config per (arm, seed): the static configs with paths, seed and steps set.
 make_config() { # arm seed -> path of the config
     local arm=$1 seed=$2 src=configs/controlled-normal.toml
-    [[ $arm == xtf ]] && src=configs/controlled-xtf.toml
+    [[ $arm == xtf* ]] && src=configs/controlled-xtf.toml
     local cfg="$OUT/configs/$arm-s$seed.toml"
     python3 - "$src" "$cfg" "$arm" "$seed" "$DATA" "$OUT/$arm-s$seed" "$STEPS" <<'PY'
 import re, sys
@@ -76,6 +77,8 @@ sub(r'^path = "runs/controlled/data/test.jsonl"', f'path = "{data}/test.jsonl"')
 sub(r'^seed = \d+', f"seed = {seed}")
 sub(r'^max_steps = \d+', f"max_steps = {steps}")
 sub(r'^dir = ".*"', f'dir = "{out}"')
+if arm == "xtf_eos":
+    sub(r'^protect_eos = false', "protect_eos = true")
 if arm == "oracle":
     sub(r'^strategy = "none"', f'strategy = "sidecar"\nsidecar = "{data}/oracle_mask.jsonl"')
 open(dst, "w").write(s)
@@ -86,7 +89,7 @@ PY
 for seed in $SEEDS; do
     for arm in $ARMS; do
         if [[ $REPORT_ONLY == 1 ]]; then
-            [[ $arm == xtf ]] && python3 scripts/mask_vs_noise.py "$DATA/noise.jsonl" \
+            [[ $arm == xtf* ]] && python3 scripts/mask_vs_noise.py "$DATA/noise.jsonl" \
                 "$OUT/$arm-s$seed/scores.jsonl" "$DATA/base/model/tokenizer.json" \
                 >"$OUT/$arm-s$seed/mask_vs_noise.json"
             continue
@@ -95,9 +98,9 @@ for seed in $SEEDS; do
         # XTF's scores depend on the base model and data, not on train.seed:
         # later seeds reuse the first seed's score cache (the key is checked).
         first=$(echo $SEEDS | cut -d' ' -f1)
-        if [[ $arm == xtf && $seed != "$first" && -f "$OUT/xtf-s$first/xtf_scores.safetensors" ]]; then
+        if [[ $arm == xtf* && $seed != "$first" && -f "$OUT/$arm-s$first/xtf_scores.safetensors" ]]; then
             mkdir -p "$OUT/$arm-s$seed"
-            cp "$OUT/xtf-s$first/xtf_scores.safetensors" "$OUT/$arm-s$seed/"
+            cp "$OUT/$arm-s$first/xtf_scores.safetensors" "$OUT/$arm-s$seed/"
         fi
         t0=$(date +%s)
         echo "== $arm seed $seed" >&2
@@ -106,7 +109,7 @@ for seed in $SEEDS; do
             exit 1
         }
         echo $(($(date +%s) - t0)) >"$OUT/$arm-s$seed/wall_s"
-        if [[ $arm == xtf ]]; then
+        if [[ $arm == xtf* ]]; then
             python3 scripts/mask_vs_noise.py "$DATA/noise.jsonl" "$OUT/$arm-s$seed/scores.jsonl" \
                 "$DATA/base/model/tokenizer.json" >"$OUT/$arm-s$seed/mask_vs_noise.json"
         fi
@@ -183,5 +186,6 @@ if "xtf" in arms:
     print(f"Precision of a mask that drops tokens at random: the noise share, {m['noise_label_token_share']:.3f}.")
 print()
 print("Arms: normal = all label tokens of the noisy set; xtf = XTF mask (paper defaults); "
-      "clean = the same problems without noise (ceiling); oracle = the noisy set with exactly the injected tokens masked.")
+      "clean = the same problems without noise (ceiling); oracle = the noisy set with exactly the injected tokens masked; "
+      "xtf_eos = XTF with protect_eos = true (a variant tried after the first results).")
 PY

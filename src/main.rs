@@ -136,6 +136,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let path = cli.config.as_ref().context("--config FILE is required")?;
         let cfg = Config::load(path)?;
         set_cpu_threads(cfg.model.cpu_threads);
+        // The embedded default's assets (model and data files, which [data]
+        // and [eval] may name) exist before anything checks them.
+        if let Some(dir) = &cfg.model.init_tiny {
+            tiny::ensure(dir)?;
+        }
         Ok(cfg)
     };
     match cli.cmd {
@@ -171,9 +176,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             stop,
         }) => {
             let cfg = config()?;
-            if let Some(dir) = &cfg.model.init_tiny {
-                tiny::ensure(dir)?;
-            }
             let dir = xtf_train::model::resolve_model_dir(
                 &cfg.model.path,
                 cfg.model.revision.as_deref(),
@@ -279,9 +281,6 @@ fn eval_cmd(
     let dir = match model {
         Some(dir) => dir,
         None => {
-            if let Some(t) = &cfg.model.init_tiny {
-                tiny::ensure(t)?;
-            }
             xtf_train::model::resolve_model_dir(&cfg.model.path, cfg.model.revision.as_deref())?
         }
     };
