@@ -22,7 +22,7 @@ use crate::config::{Config, MaskSection, Scope, Strategy};
 use crate::data::{self, Example};
 use crate::error::{Error, Result};
 use crate::lora::Fwd;
-use crate::model::{Model, Trainable};
+use crate::model::Model;
 use crate::train::{token_ce, LossMask, Setup};
 use std::io::BufRead;
 use std::path::Path;
@@ -155,13 +155,12 @@ pub fn token_losses(
 pub fn load_reference(cfg: &Config, s: &Setup, reference: &str) -> Result<Model> {
     let dtype = cfg.model.dtype.dtype();
     let dir = Path::new(reference);
+    let dev = &s.model.device;
     let model = if dir.join("adapter_config.json").is_file() {
-        let mut m = Model::load(&s.model_dir, dtype, &s.model.device, Trainable::Frozen)?;
-        crate::lora::load_adapter(&mut m, dir)?;
-        m
+        crate::lora::load_frozen(&s.model_dir, dtype, dev, Some(dir))?
     } else {
         let rdir = crate::model::resolve_model_dir(reference, None)?;
-        Model::load(&rdir, dtype, &s.model.device, Trainable::Frozen)?
+        crate::lora::load_frozen(&rdir, dtype, dev, None)?
     };
     if model.cfg.vocab_size != s.model.cfg.vocab_size {
         return Err(Error::model(

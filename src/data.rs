@@ -45,24 +45,26 @@ pub fn source_files(source: &str) -> Result<Vec<PathBuf>> {
     })
 }
 
-/// Rows of a file with the number errors should name: the 1-based line for
-/// JSONL, the 1-based row otherwise.
-fn numbered_rows(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
-    let jsonl = matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("jsonl" | "ndjson")
-    );
+/// Rows of a file with the number errors should name: the 1-based line of
+/// a (possibly gzipped) JSONL file, else the 1-based row of
+/// [`formats::read_rows`] (JSON, parquet).
+pub fn numbered_rows(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    let jsonl = [".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz"]
+        .iter()
+        .any(|e| name.ends_with(e));
     if !jsonl {
         let rows = formats::read_rows(path)?;
-        return Ok(rows
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| (i + 1, r))
-            .collect());
+        return Ok((1..).zip(rows).collect());
     }
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader: Box<dyn std::io::Read> = if name.ends_with(".gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
     let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+    for (i, line) in std::io::BufReader::new(reader).lines().enumerate() {
         let line = line.map_err(|e| Error::data(path, i + 1, e))?;
         if line.trim().is_empty() {
             continue;

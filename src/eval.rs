@@ -22,7 +22,6 @@ use crate::tokenizer::Tok;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, Read};
 use std::path::Path;
 use std::time::Instant;
 
@@ -115,36 +114,6 @@ fn task_err(e: TaskError) -> Error {
         TaskError::Io { path, source } => Error::io(path, source),
         TaskError::Format { path, line, msg } => Error::data(path, line, msg),
     }
-}
-
-/// Rows of a task file with the number errors name: the 1-based line of a
-/// (possibly gzipped) JSONL file, else the 1-based row of `formats::read_rows`.
-fn numbered_rows(path: &Path) -> Result<Vec<(usize, Value)>> {
-    let name = path.to_string_lossy().to_ascii_lowercase();
-    let jsonl = [".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz"]
-        .iter()
-        .any(|e| name.ends_with(e));
-    if !jsonl {
-        let rows = crate::formats::read_rows(path)?;
-        return Ok((1..).zip(rows).collect());
-    }
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader: Box<dyn Read> = if name.ends_with(".gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(reader).lines().enumerate() {
-        let line = line.map_err(|e| Error::data(path, i + 1, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(&line)
-            .map_err(|e| Error::data(path, i + 1, format!("invalid JSON: {e}")))?;
-        out.push((i + 1, v));
-    }
-    Ok(out)
 }
 
 /// A string (or number) field of a row, trying `keys` in order.
@@ -292,7 +261,7 @@ pub fn load_items(task: &EvalTask, d: &DataSection) -> Result<Vec<EvalItem>> {
             }
             let mut items = Vec::new();
             for p in &files {
-                for (line, row) in numbered_rows(p)? {
+                for (line, row) in crate::data::numbered_rows(p)? {
                     let idx = items.len();
                     items.push(map_row(task.name, &row, idx, (p, line), d)?);
                 }
@@ -319,7 +288,7 @@ pub fn load_items(task: &EvalTask, d: &DataSection) -> Result<Vec<EvalItem>> {
 /// human-eval's `samples.jsonl` scores as it is.
 pub fn load_completions(path: &Path) -> Result<HashMap<String, Vec<String>>> {
     let mut out: HashMap<String, Vec<String>> = HashMap::new();
-    for (line, row) in numbered_rows(path)? {
+    for (line, row) in crate::data::numbered_rows(path)? {
         let err = |msg: &str| Error::data(path, line, msg);
         let id = match row.get("id").or_else(|| row.get("task_id")) {
             Some(Value::String(s)) => s.clone(),

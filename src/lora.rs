@@ -293,6 +293,21 @@ pub fn save_adapter(
     crate::io::write_json(&dir.join("adapter_config.json"), &config)
 }
 
+/// A frozen model for generation, evaluation or as a reference, with the
+/// PEFT adapter in `adapter` (if any) attached unmerged.
+pub fn load_frozen(
+    dir: &Path,
+    dtype: DType,
+    device: &candle_core::Device,
+    adapter: Option<&Path>,
+) -> Result<crate::model::Model> {
+    let mut m = crate::model::Model::load(dir, dtype, device, crate::model::Trainable::Frozen)?;
+    if let Some(a) = adapter {
+        load_adapter(&mut m, a)?;
+    }
+    Ok(m)
+}
+
 /// Load a PEFT LoRA adapter directory onto `model` (replacing any adapters).
 pub fn load_adapter(model: &mut crate::model::Model, dir: &Path) -> Result<Vec<(String, Var)>> {
     let cfg_path = dir.join("adapter_config.json");

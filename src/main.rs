@@ -181,15 +181,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.model.revision.as_deref(),
             )?;
             let tok = xtf_train::tokenizer::Tok::load(&dir)?;
-            let mut model = xtf_train::model::Model::load(
+            let model = xtf_train::lora::load_frozen(
                 &dir,
                 cfg.model.dtype.dtype(),
                 &cfg.device()?,
-                xtf_train::model::Trainable::Frozen,
+                adapter.as_deref(),
             )?;
-            if let Some(a) = &adapter {
-                xtf_train::lora::load_adapter(&mut model, a)?;
-            }
             let mut ids: Vec<u32> = tok.bos.into_iter().collect();
             ids.extend(tok.encode(&cfg.data.template.replace("{prompt}", &prompt))?);
             let opts = xtf_train::gen::GenOptions {
@@ -285,17 +282,16 @@ fn eval_cmd(
         }
     };
     let tok = xtf_train::tokenizer::Tok::load(&dir)?;
-    let mut m = xtf_train::model::Model::load(
+    let m = xtf_train::lora::load_frozen(
         &dir,
         cfg.model.dtype.dtype(),
         &cfg.device()?,
-        xtf_train::model::Trainable::Frozen,
+        adapter.as_deref(),
     )?;
-    let mut label = dir.display().to_string();
-    if let Some(a) = &adapter {
-        xtf_train::lora::load_adapter(&mut m, a)?;
-        label = format!("{label} + adapter {}", a.display());
-    }
+    let label = match &adapter {
+        Some(a) => format!("{} + adapter {}", dir.display(), a.display()),
+        None => dir.display().to_string(),
+    };
     let source = eval::Source::Model {
         model: &m,
         tok: &tok,

@@ -2,16 +2,11 @@
 //! and bad inputs that must fail with a one-line error and leave no output.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xtf-train"))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{bin, stderr};
 
 /// Run the README's embedded default once (creating the tiny assets) in a
 /// fresh directory, exactly as a user would from the repository root.

@@ -4,7 +4,7 @@
 //! loaders, chat-template prompting, seeded sampling, and bad inputs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 use xtf_train::gen::{generate, GenOptions};
 use xtf_train::model::{Model, Trainable};
@@ -12,13 +12,8 @@ use xtf_train::tokenizer::Tok;
 
 const TEMPLATE: &str = "Question: {prompt}\nAnswer: ";
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xtf-train"))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{bin, stderr};
 
 /// The tiny model and data, created once (shared by every test here).
 fn tiny() -> &'static PathBuf {

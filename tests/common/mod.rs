@@ -154,3 +154,13 @@ pub fn word_env() -> (tempfile::TempDir, PathBuf) {
     std::fs::write(d.path().join("train.jsonl"), lines).unwrap();
     (d, model)
 }
+
+/// The `xtf-train` binary built for these tests.
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_xtf-train"))
+}
+
+/// A finished command's stderr as text.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
