@@ -9,9 +9,9 @@ use rand::{Rng, SeedableRng};
 use std::time::Instant;
 use xtf_train::config::{Distance, RiReduce};
 use xtf_train::data::{make_batch, Example};
-use xtf_train::lora::Fwd;
+use xtf_train::model::Fwd;
 use xtf_train::model::{Model, ModelConfig, Trainable};
-use xtf_train::score::{score_batch, ScoreOptions};
+use xtf_train::xtf::score::{score_batch, ScoreOptions};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -39,7 +39,7 @@ fn main() -> xtf_train::Result<()> {
                 "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads, "rms_norm_eps": 1e-6}),
             std::path::Path::new("bench"),
         )?;
-        let w = xtf_train::tiny::random_weights(&cfg, 0)?;
+        let w = xtf_train::model::random_weights(&cfg, 0)?;
         let model = Model::from_tensors(
             cfg,
             w,

@@ -14,9 +14,9 @@ use rand::{Rng, SeedableRng};
 use std::time::Instant;
 use xtf_train::config::LoraSection;
 use xtf_train::data::{make_batch, Example};
-use xtf_train::lora::{self, Fwd};
+use xtf_train::model::{lora, Fwd};
 use xtf_train::model::{Model, ModelConfig, Trainable};
-use xtf_train::optim::{AdamW, AdamWParams};
+use xtf_train::train::optim::{AdamW, AdamWParams};
 use xtf_train::train::{accumulate, loss_step};
 
 #[global_allocator]
@@ -57,7 +57,7 @@ fn main() -> xtf_train::Result<()> {
         }),
         std::path::Path::new("bench"),
     )?;
-    let weights = xtf_train::tiny::random_weights(&cfg, 0)?;
+    let weights = xtf_train::model::random_weights(&cfg, 0)?;
     let mode = if method == "full" {
         Trainable::Full
     } else {

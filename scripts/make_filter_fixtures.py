@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate the reference fixtures for `src/filter.rs` (tests/filter.rs).
+"""Generate the reference fixtures for `src/xtf/filter.rs` (tests/filter.rs).
 
 What: for a set of float32 score arrays (uniform, bimodal, trimodal,
 heavy-tailed, many ties, tiny and large sizes, degenerate and error cases)

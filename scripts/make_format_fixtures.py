@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate the reference fixtures for `src/formats.rs` (tests/formats.rs).
+"""Generate the reference fixtures for `src/data/formats.rs` (tests/formats.rs).
 
 What: writes into `tests/fixtures/formats/`
 
@@ -42,7 +42,7 @@ For each (template, conversation) `chat_expected.json` holds
 
     rendered            {"false": ..., "true": ...} keyed by add_generation_prompt,
                         or {"error": message} when the template raises
-    split               the training split of src/formats.rs's
+    split               the training split of src/data/formats.rs's
                         `split_prompt_response`, computed here by the same
                         rule: prompt = rendering of the messages before the
                         last assistant message with add_generation_prompt=True,

@@ -216,6 +216,10 @@ pub struct OutputSection {
 pub struct XtfSection {
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Whose defaults the other `[xtf]` keys take (spec: "the authors'
+    /// variant"); keys set in the file always win. Applied in [`Config::parse`].
+    #[serde(default)]
+    pub preset: Preset,
     #[serde(default = "default_xtf_batch")]
     pub batch_size: usize,
     #[serde(default)]
@@ -226,6 +230,27 @@ pub struct XtfSection {
     pub kn: KnSection,
     #[serde(default)]
     pub tr: TrSection,
+}
+
+/// `xtf.preset`: the paper's dataset-level rules, or the defaults of the
+/// authors' released code (per-example caps and fences; docs/xtf.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    #[default]
+    Paper,
+    Authors,
+}
+
+/// `xtf.ri.scope`: where the RI fence's quartiles are taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RiScope {
+    /// Over all label tokens of the training set (the paper).
+    #[default]
+    Dataset,
+    /// Over each example's own label tokens (the authors' code).
+    Example,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,6 +279,11 @@ pub struct RiSection {
     pub layers: Layers,
     #[serde(default = "default_iqr")]
     pub iqr_factor: f64,
+    #[serde(default)]
+    pub scope: RiScope,
+    /// Per-example cap: at most `floor(n · max_share)` flagged tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_share: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -263,6 +293,9 @@ pub struct KnSection {
     pub enabled: bool,
     #[serde(default = "default_kn_threshold")]
     pub threshold: f64,
+    /// Per-example cap: at most `floor(n · max_share)` flagged tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_share: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,6 +316,9 @@ pub struct TrSection {
     pub classes: usize,
     #[serde(default = "one")]
     pub filter_class: usize,
+    /// Per-example cap: at most `floor(n · max_share)` flagged tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_share: Option<f64>,
 }
 
 /// `[mask]`: which label tokens the loss counts (one interface, several
@@ -353,7 +389,7 @@ pub struct EvalSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalTask {
-    pub name: crate::tasks::TaskKind,
+    pub name: TaskKind,
     /// The benchmark: a local file (PubMedQA: `ori_pqal.json`, with
     /// `test_ground_truth.json` beside it) or a Hub dataset `hf://...`.
     pub path: String,
@@ -720,6 +756,19 @@ impl Config {
                     "must not be an empty list".into(),
                 );
             }
+            for (key, share) in [
+                ("xtf.ri.max_share", x.ri.max_share),
+                ("xtf.kn.max_share", x.kn.max_share),
+                ("xtf.tr.max_share", x.tr.max_share),
+            ] {
+                if let Some(s) = share {
+                    check(
+                        s > 0.0 && s <= 1.0,
+                        key,
+                        format!("must be in (0, 1], got {s}"),
+                    );
+                }
+            }
             check(
                 x.kn.threshold > 0.0 && x.kn.threshold < 1.0,
                 "xtf.kn.threshold",
@@ -872,4 +921,26 @@ impl Config {
 
 fn line_of(text: &str, byte: usize) -> usize {
     text[..byte.min(text.len())].matches('\n').count() + 1
+}
+
+/// The four benchmarks of the paper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    Gsm8k,
+    Math500,
+    PubMedQa,
+    HumanEval,
+}
+
+impl TaskKind {
+    /// The name used in configs and reports (`gsm8k`, `math500`, `pubmedqa`, `humaneval`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Gsm8k => "gsm8k",
+            TaskKind::Math500 => "math500",
+            TaskKind::PubMedQa => "pubmedqa",
+            TaskKind::HumanEval => "humaneval",
+        }
+    }
 }

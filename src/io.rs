@@ -1,4 +1,4 @@
-//! Atomic file output: every artefact is written to a temp file in the target
+//! File and terminal output. Atomic file output: every artefact is written to a temp file in the target
 //! directory and renamed into place, so a crash or a bad input never leaves a
 //! half-written file that a later run (or a user) would mistake for a result.
 
@@ -74,4 +74,44 @@ pub fn scalar_f64(t: &candle_core::Tensor) -> candle_core::Result<f64> {
     t.to_device(&candle_core::Device::Cpu)?
         .to_dtype(candle_core::DType::F64)?
         .to_scalar::<f64>()
+}
+
+/// Parse a JSON file, `None` when it does not exist.
+pub fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| crate::error::Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| crate::error::Error::model(path, format!("invalid JSON: {e}")))
+}
+
+/// A progress bar with step, loss, tokens/s and ETA; hidden with `--quiet`
+/// or when stderr is not a terminal.
+pub fn progress(len: u64, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps | {msg} | ETA {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
+/// A counting progress bar (e.g. examples of the scoring pass) with rate and ETA.
+pub fn progress_units(len: u64, unit: &str, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let template = format!("{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit} | {{msg}} | ETA {{eta}}");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }

@@ -3,33 +3,21 @@
 //!
 //! The maths of the three token attributes, the filters and the masked loss is
 //! specified in `../shared/xtf-spec.md`; code cites its sections.
+//!
+//! A run's stages, in the order [`pipeline`] wires them:
+//! [`assets`] (embedded defaults) → [`data`] (records → tokenised examples) →
+//! [`model`] (decoder, LoRA) → [`xtf`] (scoring pass, filters, mask) →
+//! [`train`] (loss masks, optimizer loop, checkpoints) → [`eval`]
+//! (generation and benchmarks).
 
-pub mod baselines;
-pub mod cache;
-pub mod checkpoint;
+pub mod assets;
 pub mod config;
-pub mod controlled;
 pub mod data;
 pub mod error;
 pub mod eval;
-pub mod filter;
-pub mod formats;
-pub mod gen;
-pub mod html;
 pub mod io;
-pub mod lora;
-pub mod mask;
 pub mod model;
-pub mod ops;
-pub mod optim;
-pub mod report;
-pub mod sandbox;
-pub mod score;
-pub mod summary;
-pub mod synth;
-pub mod tasks;
-pub mod tiny;
-pub mod tokenizer;
+pub mod pipeline;
 pub mod train;
 pub mod xtf;
 

@@ -5,8 +5,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use xtf_train::config::{Config, Strategy};
-use xtf_train::{baselines, eval, tiny, train, xtf};
+use xtf_train::assets;
+use xtf_train::config::Config;
+use xtf_train::eval::gen::GenOptions;
+use xtf_train::pipeline::{self, EvalTarget};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -135,18 +137,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = || -> anyhow::Result<Config> {
         let path = cli.config.as_ref().context("--config FILE is required")?;
         let cfg = Config::load(path)?;
+        // Before any candle op: its CPU pool reads the thread count once.
         set_cpu_threads(cfg.model.cpu_threads);
-        // The embedded default's assets (model and data files, which [data]
-        // and [eval] may name) exist before anything checks them.
-        if let Some(dir) = &cfg.model.init_tiny {
-            tiny::ensure(dir)?;
-        }
+        pipeline::ensure_assets(&cfg)?;
         Ok(cfg)
+    };
+    let sw = pipeline::Switches {
+        quiet: cli.quiet,
+        rescore: cli.rescore,
+        resume: cli.resume,
     };
     match cli.cmd {
         Some(Cmd::InitTiny { out, threads }) => {
             set_cpu_threads(Some(threads));
-            tiny::init(&out, &tiny::TinySpec::default())?
+            assets::tiny::init(&out, &assets::tiny::TinySpec::default())?
         }
         Some(Cmd::InitControlled {
             out,
@@ -157,13 +161,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
         }) => {
             set_cpu_threads(Some(threads));
-            let spec = xtf_train::controlled::ControlledSpec {
+            let spec = assets::controlled::ControlledSpec {
                 seed,
                 n_train,
                 n_test,
                 noise_rate,
             };
-            let stats = xtf_train::controlled::init(&out, &spec)?;
+            let stats = assets::controlled::init(&out, &spec)?;
             println!("{}", serde_json::to_string(&stats)?);
         }
         Some(Cmd::Generate {
@@ -175,128 +179,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             stop,
         }) => {
-            let cfg = config()?;
-            let dir = xtf_train::model::resolve_model_dir(
-                &cfg.model.path,
-                cfg.model.revision.as_deref(),
-            )?;
-            let tok = xtf_train::tokenizer::Tok::load(&dir)?;
-            let model = xtf_train::lora::load_frozen(
-                &dir,
-                cfg.model.dtype.dtype(),
-                &cfg.device()?,
-                adapter.as_deref(),
-            )?;
-            let mut ids: Vec<u32> = tok.bos.into_iter().collect();
-            ids.extend(tok.encode(&cfg.data.template.replace("{prompt}", &prompt))?);
-            let opts = xtf_train::gen::GenOptions {
+            let opts = GenOptions {
                 max_new_tokens,
                 temperature,
                 top_p,
                 seed,
                 stop,
             };
-            let out = xtf_train::gen::generate(&model, &tok, &[ids], &opts)?;
-            println!("{}", out[0].text);
+            let text = pipeline::generate(&config()?, &prompt, adapter.as_deref(), &opts)?;
+            println!("{text}");
         }
         Some(Cmd::Eval {
             adapter,
             model,
             completions,
         }) => {
-            let cfg = config()?;
-            eval_cmd(&cfg, adapter, model, completions, cli.quiet)?;
+            let target = match completions {
+                Some(file) => EvalTarget::Completions(file),
+                None => EvalTarget::Model {
+                    dir: model,
+                    adapter,
+                },
+            };
+            pipeline::evaluate(&config()?, target, cli.quiet)?;
         }
         Some(Cmd::Score) => {
-            let cfg = config()?;
-            let setup = train::setup(&cfg)?;
-            xtf::prepare(&cfg, &setup, cli.rescore, cli.quiet)?;
+            pipeline::score(&config()?, sw)?;
         }
         Some(Cmd::Train) | None => {
-            let cfg = config()?;
-            let eval_after = cfg.eval.as_ref().is_some_and(|e| e.after_train);
-            if eval_after {
-                // A bad [eval] task fails now, not after the training run.
-                eval::check(&cfg)?;
-            }
-            let mut setup = train::setup(&cfg)?;
-            // The mask first (XTF: score with the base model), then train on it.
-            let (run, mask) = match cfg.strategy() {
-                Strategy::Xtf => {
-                    let r = xtf::prepare(&cfg, &setup, cli.rescore, cli.quiet)?;
-                    let m = train::LossMask::from_keep(&r.mask.keep);
-                    (Some(r), m)
-                }
-                Strategy::None => (None, train::LossMask::All),
-                _ => {
-                    let m = cfg.mask.clone().unwrap_or_default();
-                    (None, baselines::prepare(&cfg, &mut setup, &m)?)
-                }
-            };
-            let run_opts = train::RunOptions {
-                quiet: cli.quiet,
-                resume: cli.resume,
-            };
-            let report = train::train(&cfg, &mut setup, &mask, run_opts)?;
-            if let Some(r) = &run {
-                xtf::write_report(&cfg, &setup, r, &report.metrics)?;
-            }
-            if eval_after {
-                let opts = eval::EvalOptions {
-                    quiet: cli.quiet,
-                    label: format!("{} trained in memory", cfg.output.dir.display()),
-                };
-                let source = eval::Source::Model {
-                    model: &setup.model,
-                    tok: &setup.tok,
-                    model_dir: &setup.model_dir,
-                };
-                eval::run(&cfg, source, &opts)?;
-            }
+            pipeline::run(&config()?, sw)?;
         }
     }
-    Ok(())
-}
-
-/// `eval`: score a completions file, or load the model (model.path or
-/// `--model`, plus an adapter) and generate. The tasks are checked before
-/// the model is loaded.
-fn eval_cmd(
-    cfg: &Config,
-    adapter: Option<PathBuf>,
-    model: Option<PathBuf>,
-    completions: Option<PathBuf>,
-    quiet: bool,
-) -> anyhow::Result<()> {
-    if let Some(file) = &completions {
-        let label = format!("completions {}", file.display());
-        let opts = eval::EvalOptions { quiet, label };
-        eval::run(cfg, eval::Source::Completions(file), &opts)?;
-        return Ok(());
-    }
-    eval::check(cfg)?;
-    let dir = match model {
-        Some(dir) => dir,
-        None => {
-            xtf_train::model::resolve_model_dir(&cfg.model.path, cfg.model.revision.as_deref())?
-        }
-    };
-    let tok = xtf_train::tokenizer::Tok::load(&dir)?;
-    let m = xtf_train::lora::load_frozen(
-        &dir,
-        cfg.model.dtype.dtype(),
-        &cfg.device()?,
-        adapter.as_deref(),
-    )?;
-    let label = match &adapter {
-        Some(a) => format!("{} + adapter {}", dir.display(), a.display()),
-        None => dir.display().to_string(),
-    };
-    let source = eval::Source::Model {
-        model: &m,
-        tok: &tok,
-        model_dir: &dir,
-    };
-    eval::run(cfg, source, &eval::EvalOptions { quiet, label })?;
     Ok(())
 }

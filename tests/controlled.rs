@@ -6,10 +6,10 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use xtf_train::controlled::{self, ControlledSpec, TEMPLATE};
+use xtf_train::assets::controlled::{self, ControlledSpec, TEMPLATE};
+use xtf_train::assets::synth::{self, NoisyResponse};
+use xtf_train::data::tokenizer::Tok;
 use xtf_train::data::{self, Record};
-use xtf_train::synth::{self, NoisyResponse};
-use xtf_train::tokenizer::Tok;
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 

@@ -4,8 +4,8 @@ use candle_core::Device;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
+use xtf_train::data::tokenizer::Tok;
 use xtf_train::data::{make_batch, read_jsonl, tokenize_one, Example, Record};
-use xtf_train::tokenizer::Tok;
 
 /// ids: <pad>=0 <s>=1 </s>=2 <unk>=3 Q:=4 a=5 b=6 c=7 ANS=8
 fn word_tokenizer() -> tokenizers::Tokenizer {
@@ -26,9 +26,23 @@ fn word_tokenizer() -> tokenizers::Tokenizer {
     t
 }
 
+/// The word tokenizer with a Llama-3-style post-processor that puts `<s>`
+/// in front of every encoding (`TemplateProcessing "<s> $A"`).
+fn bos_adding_tokenizer() -> tokenizers::Tokenizer {
+    let mut t = word_tokenizer();
+    let pp = tokenizers::processors::template::TemplateProcessing::builder()
+        .try_single("<s> $A")
+        .unwrap()
+        .special_tokens(vec![("<s>", 1)])
+        .build()
+        .unwrap();
+    t.with_post_processor(Some(pp));
+    t
+}
+
 fn tok(tcfg: Option<serde_json::Value>, mcfg: Option<serde_json::Value>) -> Tok {
     Tok::from_parts(
-        word_tokenizer(),
+        bos_adding_tokenizer(),
         tcfg.as_ref(),
         mcfg.as_ref(),
         Path::new("t"),
@@ -40,45 +54,63 @@ fn rec(p: &str, r: &str) -> Record {
     Record::pair(p, r)
 }
 
+fn bos_of(
+    t: tokenizers::Tokenizer,
+    tcfg: serde_json::Value,
+    mcfg: Option<serde_json::Value>,
+) -> Option<u32> {
+    Tok::from_parts(t, Some(&tcfg), mcfg.as_ref(), Path::new("t"))
+        .unwrap()
+        .bos
+}
+
 #[test]
-fn bos_rules_follow_tokenizer_config_then_config_json() {
-    // Llama-3 style: bos_token named, no add_bos_token key -> add.
-    assert_eq!(
-        tok(Some(json!({"bos_token": "<s>", "eos_token": "</s>"})), None).bos,
-        Some(1)
-    );
-    // Mistral style: explicit add_bos_token = true.
-    assert_eq!(
-        tok(
-            Some(
-                json!({"bos_token": {"content": "<s>"}, "eos_token": "</s>", "add_bos_token": true})
-            ),
-            None
-        )
-        .bos,
-        Some(1)
-    );
-    // Explicitly off.
-    assert_eq!(
-        tok(
-            Some(json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": false})),
-            None
-        )
-        .bos,
-        None
-    );
+fn bos_follows_what_the_tokenizer_itself_adds() {
+    let named = json!({"bos_token": "<s>", "eos_token": "</s>"});
+    // Llama-3 style: no add_bos_token key, the post-processor adds BOS.
+    assert_eq!(bos_of(bos_adding_tokenizer(), named.clone(), None), Some(1));
+    // SmolLM2 style: a bos_token is named but nothing adds it.
+    assert_eq!(bos_of(word_tokenizer(), named.clone(), None), None);
+    // Mistral style: explicit add_bos_token = true, whatever the post-processor.
+    let mistral =
+        json!({"bos_token": {"content": "<s>"}, "eos_token": "</s>", "add_bos_token": true});
+    assert_eq!(bos_of(word_tokenizer(), mistral, None), Some(1));
+    // Explicitly off wins over a post-processor that would add it.
+    let off = json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": false});
+    assert_eq!(bos_of(bos_adding_tokenizer(), off, None), None);
+    // transformers' Llama tokenizer classes default add_bos_token to true.
+    let class =
+        json!({"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "LlamaTokenizerFast"});
+    assert_eq!(bos_of(word_tokenizer(), class, None), Some(1));
     // Qwen2 style: bos_token null although config.json lists a bos id.
     let q = tok(
-        Some(json!({"bos_token": null, "eos_token": "</s>"})),
+        Some(json!({"bos_token": null, "eos_token": "</s>", "add_bos_token": false})),
         Some(json!({"bos_token_id": 1, "eos_token_id": 2})),
     );
     assert_eq!((q.bos, q.eos), (None, 2));
-    // No tokenizer_config: config.json decides; eos may be a list.
+    let q = Tok::from_parts(
+        word_tokenizer(),
+        Some(&json!({"bos_token": null, "eos_token": "</s>"})),
+        Some(&json!({"bos_token_id": 1, "eos_token_id": 2})),
+        Path::new("t"),
+    )
+    .unwrap();
+    assert_eq!((q.bos, q.eos), (None, 2));
+    // No tokenizer_config: the post-processor decides, not config.json's
+    // bos_token_id; eos may be a list.
     let c = tok(
         None,
         Some(json!({"bos_token_id": 1, "eos_token_id": [2, 8]})),
     );
     assert_eq!((c.bos, c.eos), (Some(1), 2));
+    let c = Tok::from_parts(
+        word_tokenizer(),
+        None,
+        Some(&json!({"bos_token_id": 1, "eos_token_id": [2, 8]})),
+        Path::new("t"),
+    )
+    .unwrap();
+    assert_eq!((c.bos, c.eos), (None, 2));
     assert!(
         Tok::from_parts(word_tokenizer(), None, None, Path::new("t")).is_err(),
         "no EOS anywhere must be an error"
@@ -94,7 +126,10 @@ fn prompt_and_response_tokenised_separately_with_bos_and_eos() {
     assert_eq!(ex.ids, vec![1, 4, 5, 6, 8, 7, 5, 2]);
     assert_eq!(ex.label_start, 5); // labels: "c a" + EOS
                                    // Without BOS the prompt starts at 0.
-    let t2 = tok(Some(json!({"bos_token": null, "eos_token": "</s>"})), None);
+    let t2 = tok(
+        Some(json!({"bos_token": null, "eos_token": "</s>", "add_bos_token": false})),
+        None,
+    );
     let ex = tokenize_one(&rec("a", "b"), &t2, "{prompt}", 64)
         .unwrap()
         .0
@@ -204,8 +239,8 @@ fn data_section(extra: &str) -> xtf_train::config::DataSection {
         .data
 }
 
-fn qwen_template() -> xtf_train::formats::ChatTemplate {
-    xtf_train::formats::ChatTemplate::from_file(&fixture("qwen2.5_tokenizer_config.json"))
+fn qwen_template() -> xtf_train::data::formats::ChatTemplate {
+    xtf_train::data::formats::ChatTemplate::from_file(&fixture("qwen2.5_tokenizer_config.json"))
         .unwrap()
         .unwrap()
 }

@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
-use xtf_train::gen::{generate, GenOptions};
+use xtf_train::data::tokenizer::Tok;
+use xtf_train::eval::gen::{generate, GenOptions};
 use xtf_train::model::{Model, Trainable};
-use xtf_train::tokenizer::Tok;
 
 const TEMPLATE: &str = "Question: {prompt}\nAnswer: ";
 
@@ -47,7 +47,7 @@ fn shared(rel: &str) -> Option<PathBuf> {
 }
 
 fn python_ok() -> bool {
-    let ok = xtf_train::sandbox::python_available(Path::new("python3"));
+    let ok = xtf_train::eval::sandbox::python_available(Path::new("python3"));
     if !ok {
         eprintln!("skipping: python3 not available");
     }
@@ -144,7 +144,7 @@ fn accuracy_is_half_when_half_the_references_are_the_greedy_answers() {
         let text = generate(&model, &tok, &[ids], &opts).unwrap()[0]
             .text
             .clone();
-        let Some(answer) = xtf_train::tasks::extract_gsm8k(&text) else {
+        let Some(answer) = xtf_train::eval::tasks::extract_gsm8k(&text) else {
             continue;
         };
         // Even rows: the model's own answer; odd rows: a different number.
@@ -203,7 +203,7 @@ fn humaneval_pass_at_k_from_completions_matches_the_formula() {
     if !python_ok() {
         return;
     }
-    let items = xtf_train::tasks::load_humaneval(&he).unwrap();
+    let items = xtf_train::eval::tasks::load_humaneval(&he).unwrap();
     let dir = workdir("humaneval");
     // Correct samples per problem, n = 4 each: c = 3, 4, 0, 2.
     let plan: [(usize, usize); 4] = [(4, 3), (4, 4), (4, 0), (4, 2)];

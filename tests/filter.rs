@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use xtf_train::filter::*;
+use xtf_train::xtf::filter::*;
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
@@ -326,4 +326,40 @@ fn shortcut_threshold_can_put_a_level_in_the_class_above() -> Result<()> {
     let classes: Vec<usize> = levels.iter().map(|&s| otsu_class(s, &t)).collect();
     assert_eq!(classes, vec![0, 2, 2]);
     Ok(())
+}
+
+/// Spec "Per-example caps": at most floor(n · max_share) of the flagged
+/// tokens stay flagged, the lowest-scoring ones, ties to the earlier position.
+#[test]
+fn per_example_cap_by_hand() {
+    let scores = [0.5f32, 0.1, 0.3, 0.1, 0.9, 0.2, 0.4, 0.8, 0.7, 0.6];
+    let rule = [
+        true, true, false, true, false, true, true, false, true, false,
+    ];
+    let capped = |share: Option<f64>| {
+        let mut f = rule;
+        cap_flags(&mut f, &scores, share);
+        f.iter()
+            .enumerate()
+            .filter(|(_, &b)| b)
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>()
+    };
+    // No cap: the rule's flags as they are.
+    assert_eq!(capped(None), vec![0, 1, 3, 5, 6, 8]);
+    // floor(10 · 0.3) = 3: positions 1 and 3 tie at 0.1 (both kept), then 5 (0.2).
+    assert_eq!(capped(Some(0.3)), vec![1, 3, 5]);
+    // floor(10 · 0.1) = 1: of the tie at 0.1 the earlier position wins.
+    assert_eq!(capped(Some(0.1)), vec![1]);
+    // floor(10 · 0.05) = 0: nothing flagged in this example.
+    assert_eq!(capped(Some(0.05)), Vec::<usize>::new());
+    // A cap above the rule's count changes nothing.
+    assert_eq!(capped(Some(0.9)), vec![0, 1, 3, 5, 6, 8]);
+    assert_eq!(capped(Some(1.0)), vec![0, 1, 3, 5, 6, 8]);
+    // floor(100 · 0.29) is 29, although 100.0 * 0.29 = 28.999999999999996.
+    let mut f = [true; 100];
+    let s: Vec<f32> = (0..100).map(|k| k as f32).collect();
+    cap_flags(&mut f, &s, Some(0.29));
+    assert_eq!(f.iter().filter(|&&b| b).count(), 29);
+    assert!(f[..29].iter().all(|&b| b));
 }

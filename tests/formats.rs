@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
-use xtf_train::formats::*;
+use xtf_train::data::formats::*;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 

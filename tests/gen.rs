@@ -8,10 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use std::collections::HashMap;
 use std::path::Path;
-use xtf_train::gen::{generate, Finish, GenOptions};
-use xtf_train::lora::Fwd;
+use xtf_train::data::tokenizer::Tok;
+use xtf_train::eval::gen::{generate, Finish, GenOptions};
+use xtf_train::model::Fwd;
 use xtf_train::model::{Model, Trainable};
-use xtf_train::tokenizer::Tok;
 
 /// Word-level tokenizer "t0".."t{n-1}"; EOS set to an id that never occurs.
 fn tok(n: u32) -> Tok {

@@ -6,9 +6,9 @@ use candle_core::{DType, Tensor, Var};
 use common::*;
 use xtf_train::config::LoraSection;
 use xtf_train::data::{make_batch, Batch, Example};
-use xtf_train::lora::{self, Fwd};
+use xtf_train::model::{lora, Fwd};
 use xtf_train::model::{Model, Trainable};
-use xtf_train::optim::{AdamW, AdamWParams};
+use xtf_train::train::optim::{AdamW, AdamWParams};
 use xtf_train::train::{accumulate, loss_step, masked_ce_sum};
 
 fn batch(ex: &[Example]) -> Batch {

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use std::collections::HashMap;
 use xtf_train::config::LoraSection;
-use xtf_train::lora::{self, Fwd};
+use xtf_train::model::{lora, Fwd};
 use xtf_train::model::{Model, Trainable};
 
 fn with_random_adapters(seed: u64) -> (Model, Vec<(String, candle_core::Var)>, LoraSection) {

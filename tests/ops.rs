@@ -74,12 +74,12 @@ fn check(
 #[test]
 fn fused_softmax_matches_composite_values_and_gradients() {
     check(
-        xtf_train::ops::softmax_last_dim,
+        xtf_train::model::ops::softmax_last_dim,
         |x| candle_nn::ops::softmax(x, D::Minus1),
         false,
     );
     check(
-        xtf_train::ops::softmax_last_dim,
+        xtf_train::model::ops::softmax_last_dim,
         |x| candle_nn::ops::softmax(x, D::Minus1),
         true,
     );
@@ -88,7 +88,7 @@ fn fused_softmax_matches_composite_values_and_gradients() {
 #[test]
 fn fused_log_softmax_matches_composite_values_and_gradients() {
     check(
-        xtf_train::ops::log_softmax_last_dim,
+        xtf_train::model::ops::log_softmax_last_dim,
         |x| candle_nn::ops::log_softmax(x, D::Minus1),
         false,
     );

@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use xtf_train::config::Schedule;
-use xtf_train::optim::{lr_at, AdamW, AdamWParams};
+use xtf_train::train::optim::{lr_at, AdamW, AdamWParams};
 
 #[test]
 fn schedule_matches_hand_values() {

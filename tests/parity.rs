@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, flat, max_abs_diff};
 use std::collections::HashMap;
-use xtf_train::lora::{self, Fwd};
+use xtf_train::model::{lora, Fwd};
 use xtf_train::model::{Model, Trainable};
 
 fn reference(family: &str) -> HashMap<String, Tensor> {
@@ -37,14 +37,7 @@ fn compare(model: &Model, r: &HashMap<String, Tensor>, key: &str) -> f64 {
 #[test]
 fn logits_match_transformers_for_every_family() {
     for family in ["llama", "qwen2", "mistral"] {
-        let model = Model::load(
-            &fixture(family),
-            DType::F32,
-            &Device::Cpu,
-            Trainable::Frozen,
-        )
-        .unwrap();
-        let r = reference(family);
+        let (model, r) = common::fixture_model(family);
         let d = compare(&model, &r, "logits");
         assert!(d < 1e-4, "{family}: max |logit diff| = {d}");
     }
@@ -55,14 +48,7 @@ fn padded_batch_gives_the_unpadded_logits() {
     // Row 1 of the fixture is right-padded; in one batch its real positions
     // must still match HF's unpadded run.
     for family in ["llama", "qwen2", "mistral"] {
-        let model = Model::load(
-            &fixture(family),
-            DType::F32,
-            &Device::Cpu,
-            Trainable::Frozen,
-        )
-        .unwrap();
-        let r = reference(family);
+        let (model, r) = common::fixture_model(family);
         let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
         let ours = model.forward(&ids, &mut Fwd::default(), None).unwrap();
         let len = r["lengths"].to_vec1::<i64>().unwrap()[1] as usize;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::time::{Duration, Instant};
-use xtf_train::sandbox::{self, isolation, run_program, Outcome, SandboxLimits};
+use xtf_train::eval::sandbox::{self, isolation, run_program, Outcome, SandboxLimits};
 
 /// Default limits with a generous wall clock: a loaded 2-core machine
 /// (tearing down many network namespaces stalls new ones) can take
@@ -516,7 +516,7 @@ fn humaneval_canonical_solutions_pass_under_every_layer_configuration() {
         return;
     }
     let Some(l) = limits() else { return };
-    let items = xtf_train::tasks::load_humaneval(&data).expect("HumanEval loads");
+    let items = xtf_train::eval::tasks::load_humaneval(&data).expect("HumanEval loads");
     assert_eq!(items.len(), 164);
     // The configurations programs meet in use: the default, and the audit
     // hook alone (a machine without user namespaces).

@@ -3,25 +3,17 @@
 //! float64 loops, TR from the input embeddings (scripts/make_fixtures.py).
 
 mod common;
-use candle_core::{DType, Device, Tensor};
-use common::fixture;
+use candle_core::Tensor;
 use std::collections::HashMap;
 use xtf_train::config::{Distance, Layers, RiReduce};
 use xtf_train::data::Example;
-use xtf_train::model::{Model, Trainable};
-use xtf_train::score::{domain_vector, resolve_layers, score_batch, token_distances, ScoreOptions};
+use xtf_train::model::Model;
+use xtf_train::xtf::score::{
+    domain_vector, resolve_layers, score_batch, token_distances, ScoreOptions,
+};
 
 fn load(family: &str) -> (Model, HashMap<String, Tensor>, Vec<Example>) {
-    let model = Model::load(
-        &fixture(family),
-        DType::F32,
-        &Device::Cpu,
-        Trainable::Frozen,
-    )
-    .unwrap();
-    let r =
-        candle_core::safetensors::load(fixture(family).join("reference.safetensors"), &Device::Cpu)
-            .unwrap();
+    let (model, r) = common::fixture_model(family);
     let ids = r["input_ids"].to_vec2::<i64>().unwrap();
     let lens = r["lengths"].to_vec1::<i64>().unwrap();
     // Every position after the first is a "label" so all of them are scored.

@@ -2,7 +2,7 @@
 //! arithmetic, the noise-span invariant and a lossless, stable tokenizer.
 
 use std::collections::BTreeSet;
-use xtf_train::synth::*;
+use xtf_train::assets::synth::*;
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 

@@ -2,8 +2,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use xtf_train::sandbox::{self, Outcome, SandboxLimits};
-use xtf_train::tasks::{
+use xtf_train::eval::sandbox::{self, Outcome, SandboxLimits};
+use xtf_train::eval::tasks::{
     extract_boxed, extract_gsm8k, extract_pubmedqa, is_correct, load_gsm8k, load_humaneval,
     load_math500, load_pubmedqa, math_equiv, mean_pass_at_k, normalize_math, normalize_number,
     pass_at_k, TaskKind,

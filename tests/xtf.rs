@@ -4,8 +4,8 @@
 
 use std::path::Path;
 use xtf_train::config::Config;
-use xtf_train::mask::{build, noisy};
 use xtf_train::train::setup;
+use xtf_train::xtf::mask::{build, noisy};
 use xtf_train::xtf::prepare;
 
 mod common;
@@ -212,17 +212,13 @@ fn steps_with_no_unmasked_token_are_skipped_and_counted() {
     cfg.train.max_steps = Some(3);
     cfg.train.micro_batch_size = 2;
     let mut s = setup(&cfg).unwrap();
-    let before: Vec<Vec<f32>> = s
-        .vars
-        .iter()
-        .map(|(_, v)| {
-            v.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect();
+    let values = |s: &xtf_train::train::Setup| -> Vec<Vec<f32>> {
+        s.vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    let before = values(&s);
     let none: Vec<Vec<f32>> = s.train.iter().map(|e| vec![0.0; e.n_labels()]).collect();
     let report = xtf_train::train::train(
         &cfg,
@@ -235,16 +231,6 @@ fn steps_with_no_unmasked_token_are_skipped_and_counted() {
     )
     .unwrap();
     assert_eq!((report.steps, report.skipped_steps), (3, 3));
-    let after: Vec<Vec<f32>> = s
-        .vars
-        .iter()
-        .map(|(_, v)| {
-            v.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect();
+    let after = values(&s);
     assert_eq!(before, after, "a skipped step must not touch the weights");
 }

@@ -27,7 +27,7 @@ pub fn small_config(family: &str) -> ModelConfig {
 /// Random weights with a larger spread than the usual init, so gradients and
 /// logits are far from trivial; qwen2 gets q/k/v biases.
 pub fn random_model(cfg: &ModelConfig, dtype: DType, mode: Trainable, seed: u64) -> Model {
-    let mut w = xtf_train::tiny::random_weights(cfg, seed).expect("weights");
+    let mut w = xtf_train::model::random_weights(cfg, seed).expect("weights");
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 77);
     let mut names: Vec<String> = w.keys().cloned().collect();
     names.sort(); // HashMap order differs per map: sort for determinism
@@ -105,6 +105,21 @@ pub fn fixture(family: &str) -> std::path::PathBuf {
         .join(family)
 }
 
+/// A fixture checkpoint loaded frozen in f32, and HF's saved outputs for it.
+pub fn fixture_model(family: &str) -> (Model, std::collections::HashMap<String, Tensor>) {
+    let model = Model::load(
+        &fixture(family),
+        DType::F32,
+        &Device::Cpu,
+        Trainable::Frozen,
+    )
+    .expect("fixture model");
+    let r =
+        candle_core::safetensors::load(fixture(family).join("reference.safetensors"), &Device::Cpu)
+            .expect("fixture reference");
+    (model, r)
+}
+
 pub const WORDS: [&str; 20] = [
     "the", "cat", "sat", "on", "mat", "and", "then", "ran", "to", "a", "dog", "who", "was", "very",
     "big", "so", "it", "is", "one", "two",
@@ -140,7 +155,7 @@ pub fn word_env() -> (tempfile::TempDir, PathBuf) {
     tok.save(model.join("tokenizer.json"), false).unwrap();
     std::fs::write(
         model.join("tokenizer_config.json"),
-        r#"{"bos_token": "<s>", "eos_token": "</s>"}"#,
+        r#"{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}"#,
     )
     .unwrap();
     let mut lines = String::new();

@@ -5,8 +5,8 @@
 //! bit-for-bit. Only the newest checkpoint is kept.
 
 use crate::error::{Error, Result};
-use crate::optim::AdamW;
-use crate::report::StepMetrics;
+use crate::train::metrics::StepMetrics;
+use crate::train::optim::AdamW;
 use candle_core::Var;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -80,7 +80,7 @@ pub fn load(dir: &Path, vars: &[(String, Var)], opt: &mut AdamW) -> Result<LoopS
         let t = saved
             .remove(name)
             .ok_or_else(|| Error::model(&path, format!("checkpoint lacks {name}")))?;
-        crate::lora::check_shape(name, &t, var.dims(), &path)?;
+        crate::model::linear::check_shape(name, &t, var.dims(), &path)?;
         var.set(&t.to_dtype(var.dtype())?)?;
     }
     opt.load(&dir.join("optimizer.safetensors"))?;

@@ -3,17 +3,23 @@
 //! the masked share, EOS masking, and the most often masked tokens.
 
 use crate::config::XtfSection;
+use crate::data::tokenizer::Tok;
 use crate::data::Example;
-use crate::mask::{Cutoffs, XtfMask};
-use crate::tokenizer::Tok;
+use crate::xtf::mask::{Cutoffs, XtfMask};
 use serde::Serialize;
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Attribute {
     pub enabled: bool,
+    /// Flagged after the per-example cap (what the mask uses).
     pub flagged: usize,
     pub share: f64,
+    /// What the attribute's rule flagged before the cap.
+    pub flagged_before_cap: usize,
+    pub share_before_cap: f64,
+    /// The cap in force, if any.
+    pub max_share: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,6 +48,7 @@ pub struct Summary {
     pub tr: Attribute,
     pub cutoffs: Cutoffs,
     pub ri_iqr_factor: f64,
+    pub ri_scope: crate::config::RiScope,
     pub tr_classes: usize,
     pub tr_filter_class: usize,
     /// Set when RI flags nothing: the fence lies below every score.
@@ -70,12 +77,16 @@ impl Summary {
         let sets = [flat(&m.noise_ri), flat(&m.noise_kn), flat(&m.noise_tr)];
         let n = sets[0].len();
         let count = |f: &dyn Fn(usize) -> bool| (0..n).filter(|&i| f(i)).count();
-        let attr = |i: usize, enabled: bool| {
+        let attr = |i: usize, enabled: bool, max_share: Option<f64>| {
             let c = count(&|k| sets[i][k]);
+            let before = m.flagged_before_cap[i];
             Attribute {
                 enabled,
                 flagged: c,
                 share: share(c, n),
+                flagged_before_cap: before,
+                share_before_cap: share(before, n),
+                max_share,
             }
         };
         let names = ["RI", "KN", "TR"];
@@ -112,11 +123,15 @@ impl Summary {
         }
         let mut top: Vec<(u32, usize)> = counts.into_iter().collect();
         top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        let ri = attr(0, x.ri.enabled);
-        let ri_note = match (&m.cutoffs.ri, ri.flagged) {
+        let ri = attr(0, x.ri.enabled, x.ri.max_share);
+        let ri_note = match (&m.cutoffs.ri, ri.flagged_before_cap) {
             (Some(f), 0) => Some(format!(
                 "RI flags nothing: the fence Q1 - {} x IQR = {:.4e} is below every score (Q1 {:.4e}, Q3 {:.4e}); lower xtf.ri.iqr_factor to use it",
                 x.ri.iqr_factor, f.fence, f.q1, f.q3
+            )),
+            (None, 0) if n > 0 => Some(format!(
+                "RI flags nothing: in every example the fence Q1 - {} x IQR of its own scores is below all of them",
+                x.ri.iqr_factor
             )),
             _ => None,
         };
@@ -124,10 +139,11 @@ impl Summary {
             examples: examples.len(),
             label_tokens: n,
             ri,
-            kn: attr(1, x.kn.enabled),
-            tr: attr(2, x.tr.enabled),
+            kn: attr(1, x.kn.enabled, x.kn.max_share),
+            tr: attr(2, x.tr.enabled, x.tr.max_share),
             cutoffs: m.cutoffs.clone(),
             ri_iqr_factor: x.ri.iqr_factor,
+            ri_scope: x.ri.scope,
             tr_classes: x.tr.classes,
             tr_filter_class: x.tr.filter_class,
             ri_note,
@@ -155,10 +171,14 @@ impl Summary {
             "XTF over {} label tokens in {} examples\n",
             self.label_tokens, self.examples
         );
-        s += "  attribute  on   flagged   share    cut-off\n";
-        let ri_cut = self.cutoffs.ri.as_ref().map_or("-".into(), |f| {
-            format!("S_RI < {:.4e} (Q1 {:.3e}, Q3 {:.3e})", f.fence, f.q1, f.q3)
-        });
+        s += "  attribute  on   rule flags    share   after cap    share  cut-off\n";
+        let ri_cut = match (&self.cutoffs.ri, self.ri_scope) {
+            (Some(f), _) => format!("S_RI < {:.4e} (Q1 {:.3e}, Q3 {:.3e})", f.fence, f.q1, f.q3),
+            (None, crate::config::RiScope::Example) => {
+                format!("S_RI < Q1 - {} x IQR of each example", self.ri_iqr_factor)
+            }
+            (None, _) => "-".into(),
+        };
         let tr_cut = if self.cutoffs.tr_thresholds.is_empty() {
             "none".into()
         } else {
@@ -181,16 +201,21 @@ impl Summary {
             ),
             ("TR", &self.tr, tr_cut),
         ] {
+            let cap = a
+                .max_share
+                .map_or(String::new(), |c| format!(" | cap {c} per example"));
             s += &format!(
-                "  {name:<9}  {:<3}  {:>8}  {:>6.2}%  {cut}\n",
+                "  {name:<9}  {:<3}  {:>10}  {:>6.2}%  {:>10}  {:>6.2}%  {cut}{cap}\n",
                 if a.enabled { "yes" } else { "no" },
+                a.flagged_before_cap,
+                100.0 * a.share_before_cap,
                 a.flagged,
                 100.0 * a.share
             );
         }
         for o in &self.overlaps {
             s += &format!(
-                "  {:<9}  both {:>8}  {:>6.2}%  jaccard {:.3}\n",
+                "  {:<9}  both {:>10}  {:>6.2}%  jaccard {:.3}\n",
                 o.sets,
                 o.count,
                 100.0 * o.share,

@@ -45,6 +45,17 @@ impl Default for AdamWParams {
     }
 }
 
+impl From<&crate::config::TrainSection> for AdamWParams {
+    fn from(t: &crate::config::TrainSection) -> Self {
+        Self {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        }
+    }
+}
+
 struct Slot {
     name: String,
     var: Var,

@@ -4,7 +4,7 @@
 //!
 //! Every extraction rule is a documented, deterministic string rule, because a
 //! metric that silently changes with a tweak to a regex cannot be compared
-//! across runs. HumanEval is scored by running code: see `crate::sandbox`.
+//! across runs. HumanEval is scored by running code: see `crate::eval::sandbox`.
 
 use serde::Deserialize;
 use std::io::{BufRead, BufReader, Read};
@@ -42,27 +42,7 @@ fn format_err(path: &Path, line: usize, msg: impl std::fmt::Display) -> TaskErro
     }
 }
 
-/// The four benchmarks of the paper.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TaskKind {
-    Gsm8k,
-    Math500,
-    PubMedQa,
-    HumanEval,
-}
-
-impl TaskKind {
-    /// The name used in configs and reports (`gsm8k`, `math500`, `pubmedqa`, `humaneval`).
-    pub fn name(self) -> &'static str {
-        match self {
-            TaskKind::Gsm8k => "gsm8k",
-            TaskKind::Math500 => "math500",
-            TaskKind::PubMedQa => "pubmedqa",
-            TaskKind::HumanEval => "humaneval",
-        }
-    }
-}
+pub use crate::config::TaskKind;
 
 /// One evaluation problem. `reference` is the normalised gold answer
 /// (GSM8K, PubMedQA), the raw gold answer (MATH-500, compared after

@@ -127,3 +127,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::softmax(x, D::Minus1)?)
     }
 }
+
+/// Per-position cross-entropy (B, T) in f32 of `logits` against `targets`.
+pub fn token_ce(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax_last_dim(logits)?;
+    Ok(logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?.neg()?)
+}

@@ -2,10 +2,13 @@
 //! `[BOS] + tok(template(prompt)) + tok(response) + EOS`, prompt and response
 //! tokenised separately, labels = response tokens + EOS, right padding.
 
+pub mod formats;
+pub mod tokenizer;
+
 use crate::config::DataSection;
+use crate::data::formats::{ChatTemplate, DataSource, FormatError, Message, RawRecord};
+use crate::data::tokenizer::Tok;
 use crate::error::{Error, Result};
-use crate::formats::{self, ChatTemplate, DataSource, FormatError, Message, RawRecord};
-use crate::tokenizer::Tok;
 use candle_core::{Device, Tensor};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};

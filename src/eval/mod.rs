@@ -5,20 +5,24 @@
 //! each prompt the way the model was trained (chat template or `template`),
 //! generate `n_samples` continuations per problem in batches (or take them
 //! from a `--completions` file), score every sample (string rules from
-//! `crate::tasks`, or HumanEval programs run in `crate::sandbox`), and
+//! `crate::eval::tasks`, or HumanEval programs run in `crate::eval::sandbox`), and
 //! aggregate: accuracy over all samples, plus unbiased pass@k for HumanEval.
 //! Every task is loaded and checked before anything is generated, and
 //! `eval.json` / `eval_samples.jsonl` are written once, atomically, at the
 //! end, so a bad input never leaves half a result behind.
 
+pub mod gen;
+pub mod sandbox;
+pub mod tasks;
+
 use crate::config::{Config, DataSection, EvalTask};
+use crate::data::formats::ChatTemplate;
+use crate::data::tokenizer::Tok;
 use crate::error::{Error, Result};
-use crate::formats::ChatTemplate;
-use crate::gen::{self, Finish, GenOptions, Generation};
+use crate::eval::gen::{Finish, GenOptions, Generation};
+use crate::eval::sandbox::{Outcome, SandboxLimits};
+use crate::eval::tasks::{EvalItem, TaskError, TaskKind};
 use crate::model::Model;
-use crate::sandbox::{self, Outcome, SandboxLimits};
-use crate::tasks::{self, EvalItem, TaskError, TaskKind};
-use crate::tokenizer::Tok;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -450,7 +454,7 @@ fn outcome_text(o: &Outcome) -> String {
 /// by `limits.wall`, so a hanging one costs at most that.
 fn run_programs(programs: &[Option<String>], limits: &SandboxLimits, quiet: bool) -> Vec<Outcome> {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let bar = crate::report::progress_units(programs.len() as u64, "programs", quiet);
+    let bar = crate::io::progress_units(programs.len() as u64, "programs", quiet);
     let next = AtomicUsize::new(0);
     let slots: Vec<std::sync::Mutex<Option<Outcome>>> = programs
         .iter()
@@ -726,7 +730,7 @@ fn sample_task(
     }
     let batch = cfg.eval.as_ref().map_or(1, |e| e.batch_size);
     let total = (p.items.len() * p.task.n_samples) as u64;
-    let bar = crate::report::progress_units(total, "samples", quiet);
+    let bar = crate::io::progress_units(total, "samples", quiet);
     let (gens, tokens) = generate_samples(model, tok, &ids, p.task, batch, &bar)?;
     bar.finish_and_clear();
     Ok(Sampled {

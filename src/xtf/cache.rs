@@ -8,7 +8,7 @@
 use crate::config::Config;
 use crate::data::Example;
 use crate::error::{Error, Result};
-use crate::score::{ScoreOptions, TokenScores};
+use crate::xtf::score::{ScoreOptions, TokenScores};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};

@@ -1,15 +1,21 @@
 //! The XTF stage of a run: scores (cached), cut-offs, mask, and the
 //! explainability outputs `scores.jsonl`, `xtf_summary.json`, `report.html`.
 
-use crate::cache;
+pub mod cache;
+pub mod filter;
+pub mod html;
+pub mod mask;
+pub mod score;
+pub mod summary;
+
 use crate::config::{Config, XtfSection};
 use crate::error::{Error, Result};
-use crate::html::{self, ReportInput};
-use crate::mask::{self, XtfMask};
-use crate::report::StepMetrics;
-use crate::score::{self, ScoreOptions, TokenScores};
-use crate::summary::Summary;
+use crate::train::metrics::StepMetrics;
 use crate::train::Setup;
+use crate::xtf::html::ReportInput;
+use crate::xtf::mask::XtfMask;
+use crate::xtf::score::{ScoreOptions, TokenScores};
+use crate::xtf::summary::Summary;
 use std::fmt::Write;
 use std::path::Path;
 

@@ -1,5 +1,6 @@
-//! The paper's baselines as loss-mask strategies behind the same interface
-//! as XTF ([`LossMask`]): Rho-1's selective language modelling (SLM), Token
+//! Loss masks: which label tokens the loss counts. [`LossMask`] is the one
+//! interface the training loop reads; XTF's mask comes from [`crate::xtf`],
+//! and the paper's baselines are built here: Rho-1's selective language modelling (SLM), Token
 //! Cleaning, sample-level data filtering, and per-token weights from a
 //! sidecar file.
 //!
@@ -21,11 +22,37 @@
 use crate::config::{Config, MaskSection, Scope, Strategy};
 use crate::data::{self, Example};
 use crate::error::{Error, Result};
-use crate::lora::Fwd;
+use crate::model::ops::token_ce;
+use crate::model::Fwd;
 use crate::model::Model;
-use crate::train::{token_ce, LossMask, Setup};
+use crate::train::Setup;
 use std::io::BufRead;
 use std::path::Path;
+
+/// Which label tokens the loss counts (see `[mask]`), per example and
+/// label token (response tokens + EOS).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LossMask {
+    /// Every label token (ordinary fine-tuning).
+    All,
+    /// Fixed weights: 1/0 keep flags (XTF, Token Cleaning, data filter) or
+    /// float weights (sidecar).
+    Weights(Vec<Vec<f32>>),
+    /// Rho-1 SLM: per micro-batch, the top `keep` share of label tokens by
+    /// `CE_train - ref_loss`, chosen afresh every step.
+    Slm { ref_loss: Vec<Vec<f32>>, keep: f64 },
+}
+
+impl LossMask {
+    /// 1/0 weights from keep flags.
+    pub fn from_keep(keep: &[Vec<bool>]) -> Self {
+        LossMask::Weights(
+            keep.iter()
+                .map(|r| r.iter().map(|&k| k as u8 as f32).collect())
+                .collect(),
+        )
+    }
+}
 
 /// How many of `n` items a share `keep` keeps: `ceil(keep · n)`, so any
 /// positive share keeps at least one item and `keep = 1` keeps all.
@@ -157,10 +184,10 @@ pub fn load_reference(cfg: &Config, s: &Setup, reference: &str) -> Result<Model>
     let dir = Path::new(reference);
     let dev = &s.model.device;
     let model = if dir.join("adapter_config.json").is_file() {
-        crate::lora::load_frozen(&s.model_dir, dtype, dev, Some(dir))?
+        crate::model::lora::load_frozen(&s.model_dir, dtype, dev, Some(dir))?
     } else {
         let rdir = crate::model::resolve_model_dir(reference, None)?;
-        crate::lora::load_frozen(&rdir, dtype, dev, None)?
+        crate::model::lora::load_frozen(&rdir, dtype, dev, None)?
     };
     if model.cfg.vocab_size != s.model.cfg.vocab_size {
         return Err(Error::model(

@@ -4,9 +4,9 @@
 //! own positions and an additive mask hides its padding (and, for Mistral,
 //! keys outside the sliding window). LoRA adapters stay active unmerged.
 
+use crate::data::tokenizer::Tok;
 use crate::error::Result;
 use crate::model::{KvCache, Model};
-use crate::tokenizer::Tok;
 use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 

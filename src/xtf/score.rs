@@ -6,7 +6,7 @@
 use crate::config::{Distance, Layers, RiReduce, XtfSection};
 use crate::data::{make_batch, Example};
 use crate::error::{Error, Result};
-use crate::lora::Fwd;
+use crate::model::Fwd;
 use crate::model::Model;
 use candle_core::{DType, Tensor, D};
 use std::time::Instant;
@@ -116,7 +116,7 @@ pub fn score_batch(
         },
         Some(&mut observer),
     )?;
-    let ce = crate::train::token_ce(&logits.detach().to_dtype(DType::F32)?, &batch.targets)?
+    let ce = crate::model::ops::token_ce(&logits.detach().to_dtype(DType::F32)?, &batch.targets)?
         .to_vec2::<f32>()?;
     let received = match received {
         Some(r) => (r / opts.layers.len() as f64)?.to_vec2::<f32>()?,
@@ -203,7 +203,7 @@ pub fn score_dataset(
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].ids.len());
     let mut out = vec![TokenScores::default(); examples.len()];
-    let bar = crate::report::progress_units(examples.len() as u64, "examples", quiet);
+    let bar = crate::io::progress_units(examples.len() as u64, "examples", quiet);
     let (start, mut tokens) = (Instant::now(), 0usize);
     for chunk in order.chunks(opts.batch_size.max(1)) {
         let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();

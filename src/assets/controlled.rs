@@ -1,7 +1,7 @@
 //! `init-controlled`: data for the controlled noise experiment
 //! (`scripts/controlled_experiment.sh`, `docs/controlled.md`).
 //!
-//! A synthetic task in the phrasing of [`crate::synth`] whose held-out exact
+//! A synthetic task in the phrasing of [`crate::assets::synth`] whose held-out exact
 //! match the tiny model can reach in CI time. The tiny model cannot do
 //! arithmetic, nor reliably copy numbers or names from a prompt, so every
 //! answer is a *looked-up* fact: the size of the package the prompt names
@@ -17,7 +17,7 @@
 //! tokenisation, so a loss mask can be scored against the truth.
 //!
 //! Written into the output directory:
-//! - `base/`: the embedded tiny model ([`crate::tiny::ensure`]); its
+//! - `base/`: the embedded tiny model ([`crate::assets::tiny::ensure`]); its
 //!   tokenizer is the one the flags are computed with;
 //! - `train.jsonl`: `prompt`, `response` (noisy), `clean_response`, `answer`;
 //! - `train_clean.jsonl`: the same problems with clean responses;
@@ -32,10 +32,10 @@
 //!   `answer` (plus `prompt` / `response`), no prompt shared with training;
 //! - `manifest.json`: sizes, seed, target rate, realised byte and token shares.
 
+use crate::assets::synth::{self, NoisyResponse, Problem};
+use crate::data::tokenizer::Tok;
 use crate::data::{self, Record};
 use crate::error::{Error, Result};
-use crate::synth::{self, NoisyResponse, Problem};
-use crate::tokenizer::Tok;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
@@ -64,13 +64,13 @@ impl Default for ControlledSpec {
 }
 
 /// The prompt template of the experiment's configs (the tiny model's format).
-pub const TEMPLATE: &str = crate::tiny::TINY_TEMPLATE;
+pub const TEMPLATE: &str = crate::assets::tiny::TINY_TEMPLATE;
 
 /// Number of problem families of the controlled task.
 pub const N_FAMILIES: usize = 3;
 
 /// The first 16 of `synth`'s names (the set the task was designed with).
-const NAMES: &[(&str, bool)] = crate::synth::NAMES.split_at(16).0;
+const NAMES: &[(&str, bool)] = crate::assets::synth::NAMES.split_at(16).0;
 
 /// Package sizes the task is about, `(item, package, per package)`: the
 /// fine-tuning set's "knowledge". Prompts never state the size; every answer
@@ -391,7 +391,7 @@ pub fn noise_kind(piece: &str) -> usize {
 /// Create the experiment in `dir` (see the module docs): the base model in
 /// `dir/base` unless already there, then the data with its tokenizer.
 pub fn init(dir: &Path, spec: &ControlledSpec) -> Result<NoiseStats> {
-    crate::tiny::ensure(&dir.join("base"))?;
+    crate::assets::tiny::ensure(&dir.join("base"))?;
     let tok = Tok::load(&dir.join("base/model"))?;
     write_data(dir, spec, &tok)
 }

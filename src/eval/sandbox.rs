@@ -80,7 +80,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::tasks::EvalItem;
+use crate::eval::tasks::EvalItem;
 
 /// Resource limits of one sandboxed run.
 #[derive(Debug, Clone, PartialEq)]

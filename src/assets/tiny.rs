@@ -4,17 +4,19 @@
 //! predicts many tokens confidently (a random model would make the knowledge-
 //! novelty filter meaningless) without having memorised the fine-tuning set.
 
+use crate::assets::synth;
+use crate::config::Schedule;
+use crate::data::tokenizer::Tok;
 use crate::data::{self, Example, Record};
 use crate::error::{Error, Result};
-use crate::lora::Fwd;
+use crate::model::random_weights;
+use crate::model::Fwd;
 use crate::model::{Model, ModelConfig, Trainable};
-use crate::optim::{lr_at, AdamW, AdamWParams};
-use crate::tokenizer::Tok;
-use crate::{config::Schedule, synth, train};
+use crate::train;
+use crate::train::optim::{lr_at, AdamW, AdamWParams};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, Normal};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -164,53 +166,6 @@ pub fn init(dir: &Path, spec: &TinySpec) -> Result<()> {
     let map: HashMap<String, Tensor> = model.named_tensors().into_iter().collect();
     // Weights last: their presence marks the directory as complete.
     crate::io::save_safetensors(&mdir.join("model.safetensors"), &map)
-}
-
-/// N(0, 0.02) matrices, unit norms: the usual decoder initialisation.
-pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let normal = Normal::new(0.0f32, 0.02).map_err(|e| Error::Msg(e.to_string()))?;
-    let (h, i, hd, v) = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.head_dim,
-        cfg.vocab_size,
-    );
-    let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![v, h]),
-        ("model.norm.weight".into(), vec![h]),
-    ];
-    if !cfg.tie_word_embeddings {
-        shapes.push(("lm_head.weight".into(), vec![v, h]));
-    }
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        for (n, s) in [
-            ("self_attn.q_proj.weight", vec![nh * hd, h]),
-            ("self_attn.k_proj.weight", vec![nkv * hd, h]),
-            ("self_attn.v_proj.weight", vec![nkv * hd, h]),
-            ("self_attn.o_proj.weight", vec![h, nh * hd]),
-            ("mlp.gate_proj.weight", vec![i, h]),
-            ("mlp.up_proj.weight", vec![i, h]),
-            ("mlp.down_proj.weight", vec![h, i]),
-            ("input_layernorm.weight", vec![h]),
-            ("post_attention_layernorm.weight", vec![h]),
-        ] {
-            shapes.push((format!("{p}.{n}"), s));
-        }
-    }
-    let mut out = HashMap::new();
-    for (name, shape) in shapes {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = if shape.len() == 1 {
-            vec![1.0; n]
-        } else {
-            (0..n).map(|_| normal.sample(&mut rng)).collect()
-        };
-        out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
-    }
-    Ok(out)
 }
 
 fn pretrain(model: &Model, examples: &[Example], spec: &TinySpec, pad: u32) -> Result<()> {

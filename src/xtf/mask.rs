@@ -1,11 +1,12 @@
-//! From scores to the loss mask (spec: the three filters and "Noise set and
-//! loss mask"). Dataset-level cut-offs are recomputed from the (cached)
-//! scores on every run, so changing a filter option never rescored.
+//! From scores to the loss mask (spec: the three filters, "Noise set and
+//! loss mask" and "Per-example caps"). Cut-offs and caps are recomputed
+//! from the (cached) scores on every run, so changing a filter option never
+//! rescores.
 
-use crate::config::XtfSection;
+use crate::config::{RiScope, XtfSection};
 use crate::data::Example;
-use crate::filter::{iqr_fence, otsu_class, threshold_multiotsu, IqrFence};
-use crate::score::TokenScores;
+use crate::xtf::filter::{cap_flags, iqr_fence, otsu_class, threshold_multiotsu, IqrFence};
+use crate::xtf::score::TokenScores;
 
 /// Histogram bins for Multi-Otsu (spec: "a 256-bin histogram").
 pub const OTSU_BINS: usize = 256;
@@ -13,7 +14,8 @@ pub const OTSU_BINS: usize = 256;
 /// The dataset-level cut-offs of one run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Cutoffs {
-    /// RI quartiles and lower fence; `None` with no label token at all.
+    /// RI quartiles and lower fence over the whole dataset; `None` with no
+    /// label token at all, or with `ri.scope = "example"` (one fence each).
     pub ri: Option<IqrFence>,
     pub kn_threshold: f64,
     /// Min and max of the raw distance `D` (S_TR normalisation).
@@ -32,6 +34,9 @@ pub struct XtfMask {
     pub noise_ri: Vec<Vec<bool>>,
     pub noise_kn: Vec<Vec<bool>>,
     pub noise_tr: Vec<Vec<bool>>,
+    /// Tokens each attribute's rule flagged before the per-example caps
+    /// (RI, KN, TR); the `noise_*` flags above are after them.
+    pub flagged_before_cap: [usize; 3],
     /// `true` = the token's loss counts.
     pub keep: Vec<Vec<bool>>,
     /// Whether each example's last label token is EOS (not cut by truncation).
@@ -68,8 +73,13 @@ pub fn normalise_tr(dist: &[Vec<f32>]) -> (Vec<Vec<f32>>, f64, f64) {
 
 /// Flag every label token and build the keep mask.
 pub fn build(scores: &[TokenScores], examples: &[Example], x: &XtfSection, eos: u32) -> XtfMask {
-    let ri_all: Vec<f32> = scores.iter().flat_map(|s| s.ri.iter().copied()).collect();
-    let ri = iqr_fence(&ri_all, x.ri.iqr_factor);
+    let ri = match x.ri.scope {
+        RiScope::Dataset => {
+            let all: Vec<f32> = scores.iter().flat_map(|s| s.ri.iter().copied()).collect();
+            iqr_fence(&all, x.ri.iqr_factor)
+        }
+        RiScope::Example => None,
+    };
     let (s_tr, dmin, dmax) =
         normalise_tr(&scores.iter().map(|s| s.dist.clone()).collect::<Vec<_>>());
     let tr_all: Vec<f32> = s_tr.iter().flatten().copied().collect();
@@ -87,6 +97,7 @@ pub fn build(scores: &[TokenScores], examples: &[Example], x: &XtfSection, eos: 
         noise_ri: Vec::new(),
         noise_kn: Vec::new(),
         noise_tr: Vec::new(),
+        flagged_before_cap: [0; 3],
         keep: Vec::new(),
         ends_with_eos: examples
             .iter()
@@ -103,14 +114,26 @@ pub fn build(scores: &[TokenScores], examples: &[Example], x: &XtfSection, eos: 
     };
     for (i, s) in scores.iter().enumerate() {
         let n = s.kn.len();
-        let ri_low: Vec<bool> = s.ri.iter().map(|&v| (v as f64) < fence).collect();
-        let kn_low: Vec<bool> = s.kn.iter().map(|&v| (v as f64) < x.kn.threshold).collect();
-        let tr_low: Vec<bool> = s_tr[i]
+        let fence = match x.ri.scope {
+            RiScope::Dataset => fence,
+            RiScope::Example => {
+                iqr_fence(&s.ri, x.ri.iqr_factor).map_or(f64::NEG_INFINITY, |f| f.fence)
+            }
+        };
+        let mut ri_low: Vec<bool> = s.ri.iter().map(|&v| (v as f64) < fence).collect();
+        let mut kn_low: Vec<bool> = s.kn.iter().map(|&v| (v as f64) < x.kn.threshold).collect();
+        let mut tr_low: Vec<bool> = s_tr[i]
             .iter()
             .map(|&v| {
                 !tr_thresholds.is_empty() && otsu_class(v, &tr_thresholds) == x.tr.filter_class
             })
             .collect();
+        for (a, low) in [&ri_low, &kn_low, &tr_low].into_iter().enumerate() {
+            m.flagged_before_cap[a] += low.iter().filter(|&&f| f).count();
+        }
+        cap_flags(&mut ri_low, &s.ri, x.ri.max_share);
+        cap_flags(&mut kn_low, &s.kn, x.kn.max_share);
+        cap_flags(&mut tr_low, &s_tr[i], x.tr.max_share);
         let keep = (0..n)
             .map(|k| {
                 let protected = x.protect_eos && k + 1 == n && m.ends_with_eos[i];

@@ -1,5 +1,5 @@
 //! Tokenizer loading and the special-token rules of the tokenisation contract:
-//! BOS is added iff the tokenizer/model defines one, EOS always ends a response.
+//! BOS is added iff the tokenizer itself adds one, EOS always ends a response.
 
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -24,17 +24,21 @@ impl Tok {
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| Error::model(&path, format!("cannot load tokenizer: {e}")))?;
-        let tcfg = read_json_opt(&dir.join("tokenizer_config.json"))?;
-        let mcfg = read_json_opt(&dir.join("config.json"))?;
+        let tcfg = crate::io::read_json_opt(&dir.join("tokenizer_config.json"))?;
+        let mcfg = crate::io::read_json_opt(&dir.join("config.json"))?;
         Self::from_parts(inner, tcfg.as_ref(), mcfg.as_ref(), &path)
     }
 
     /// The rules, separated from file I/O so they can be tested directly.
     ///
-    /// BOS: `tokenizer_config.add_bos_token` decides when present (Mistral: true);
-    /// otherwise a non-null `bos_token` there means "add" (Llama-3), a null one
-    /// means "don't" (Qwen2, whose config.json still lists a bos id); with no
-    /// tokenizer_config at all, `config.json`'s `bos_token_id` decides.
+    /// BOS (spec "BOS"): whatever the tokenizer itself does when asked to add
+    /// special tokens, never merely whether a `bos_token` is named (SmolLM2
+    /// names `<|im_start|>` and never adds it):
+    /// 1. `tokenizer_config.add_bos_token` decides when present (Mistral: true);
+    ///    transformers' Llama/Gemma tokenizer classes default it to true.
+    /// 2. Otherwise `tokenizer.json`'s post-processor decides: the token it
+    ///    puts in front of an encoding (Llama-3's `<|begin_of_text|>`), none
+    ///    when it adds nothing in front (Qwen2, SmolLM2, no post-processor).
     pub fn from_parts(
         inner: tokenizers::Tokenizer,
         tcfg: Option<&Value>,
@@ -56,19 +60,15 @@ impl Tok {
                 _ => v.as_u64().map(|x| x as u32),
             }
         };
-        let bos = match tcfg {
-            Some(t) => {
-                let named = t
-                    .get("bos_token")
-                    .and_then(token_id)
-                    .or_else(|| cfg_id("bos_token_id"));
-                match t.get("add_bos_token").and_then(Value::as_bool) {
-                    Some(false) => None,
-                    Some(true) => named,
-                    None => t.get("bos_token").and_then(token_id),
-                }
-            }
-            None => cfg_id("bos_token_id"),
+        let named_bos = || {
+            tcfg.and_then(|t| t.get("bos_token"))
+                .and_then(token_id)
+                .or_else(|| cfg_id("bos_token_id"))
+        };
+        let bos = match add_bos_setting(tcfg) {
+            Some(true) => named_bos(),
+            Some(false) => None,
+            None => post_processor_bos(&inner),
         };
         let eos = tcfg
             .and_then(|t| t.get("eos_token"))
@@ -111,12 +111,33 @@ impl Tok {
     }
 }
 
-pub(crate) fn read_json_opt(path: &Path) -> Result<Option<Value>> {
-    if !path.exists() {
-        return Ok(None);
+/// `add_bos_token` as transformers reads it: the explicit key, else `true`
+/// for the tokenizer classes whose constructor defaults it so (they rebuild
+/// their post-processor from it), else unset.
+fn add_bos_setting(tcfg: Option<&Value>) -> Option<bool> {
+    let t = tcfg?;
+    if let Some(b) = t.get("add_bos_token").and_then(Value::as_bool) {
+        return Some(b);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
+    let class = t.get("tokenizer_class").and_then(Value::as_str)?;
+    let defaults_on = [
+        "LlamaTokenizer",
+        "LlamaTokenizerFast",
+        "CodeLlamaTokenizer",
+        "CodeLlamaTokenizerFast",
+        "GemmaTokenizer",
+        "GemmaTokenizerFast",
+    ];
+    defaults_on.contains(&class).then_some(true)
+}
+
+/// The token the post-processor puts in front of an encoding when special
+/// tokens are requested, found by encoding a probe both ways.
+fn post_processor_bos(tok: &tokenizers::Tokenizer) -> Option<u32> {
+    tok.get_post_processor()?;
+    let probe = "a 1";
+    let plain = tok.encode(probe, false).ok()?;
+    let special = tok.encode(probe, true).ok()?;
+    let (plain, special) = (plain.get_ids(), special.get_ids());
+    (special.len() > plain.len() && special[1..].starts_with(plain)).then(|| special[0])
 }

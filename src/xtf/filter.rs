@@ -44,8 +44,8 @@ pub struct IqrFence {
     pub fence: f64,
 }
 
-/// [`IqrFence`] over `values`, which must be the RI scores of all label
-/// tokens of the training set (the spec's quartiles are dataset-wide).
+/// [`IqrFence`] over `values`: the RI scores of all label tokens of the
+/// training set (`ri.scope = "dataset"`) or of one example (`"example"`).
 /// `None` when `values` is empty. Sorts once for both quartiles.
 pub fn iqr_fence(values: &[f32], factor: f64) -> Option<IqrFence> {
     if values.is_empty() {
@@ -356,5 +356,24 @@ impl Search<'_> {
             self.sigma_max = sigma;
             self.best.copy_from_slice(t);
         }
+    }
+}
+
+/// The per-example cap (spec: "Per-example caps"): of the `flags` an
+/// attribute's rule raised in one example of `n` label tokens, keep at most
+/// `floor(n · max_share)`, those with the lowest `scores` (ties: earlier
+/// position first); `None` leaves the flags alone. A tolerance of 1e-9
+/// keeps `floor` from losing a whole token to rounding (`0.29 · 100`).
+pub fn cap_flags(flags: &mut [bool], scores: &[f32], max_share: Option<f64>) {
+    let Some(share) = max_share else { return };
+    let limit = (flags.len() as f64 * share + 1e-9).floor() as usize;
+    let mut flagged: Vec<usize> = (0..flags.len()).filter(|&k| flags[k]).collect();
+    if flagged.len() <= limit {
+        return;
+    }
+    // Stable sort by score: equal scores keep their position order.
+    flagged.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    for &k in &flagged[limit..] {
+        flags[k] = false;
     }
 }

@@ -3,12 +3,12 @@
 //! overlap of the three noise sets, coloured example tokens with their scores
 //! on hover, the most masked tokens and, after training, the loss curve.
 
+use crate::data::tokenizer::Tok;
 use crate::data::Example;
-use crate::mask::XtfMask;
-use crate::report::StepMetrics;
-use crate::score::TokenScores;
-use crate::summary::Summary;
-use crate::tokenizer::Tok;
+use crate::train::metrics::StepMetrics;
+use crate::xtf::mask::XtfMask;
+use crate::xtf::score::TokenScores;
+use crate::xtf::summary::Summary;
 use std::fmt::Write;
 
 /// Everything the page shows.
@@ -247,7 +247,7 @@ pub fn render(r: &ReportInput) -> String {
         "<p class=\"big\">{} of {} label tokens masked ({:.2}%) in {} examples; EOS masked in {:.1}% of examples{}.</p>",
         sm.masked, sm.label_tokens, 100.0 * sm.masked_share, sm.examples, 100.0 * sm.eos_masked_share, if sm.protect_eos { " (protect_eos on)" } else { "" }
     );
-    h += "<table class=\"stats\"><tr><th>attribute</th><th>enabled</th><th>flagged</th><th>share</th></tr>";
+    h += "<table class=\"stats\"><tr><th>attribute</th><th>enabled</th><th>flagged by the rule</th><th>share</th><th>per-example cap</th><th>flagged after the cap</th><th>share</th></tr>";
     for (n, a) in [
         ("reasoning importance (RI)", &sm.ri),
         ("knowledge novelty (KN)", &sm.kn),
@@ -255,8 +255,11 @@ pub fn render(r: &ReportInput) -> String {
     ] {
         let _ = write!(
             h,
-            "<tr><td>{n}</td><td>{}</td><td>{}</td><td>{:.2}%</td></tr>",
+            "<tr><td>{n}</td><td>{}</td><td>{}</td><td>{:.2}%</td><td>{}</td><td>{}</td><td>{:.2}%</td></tr>",
             if a.enabled { "yes" } else { "no" },
+            a.flagged_before_cap,
+            100.0 * a.share_before_cap,
+            a.max_share.map_or("none".into(), |c| format!("{:.0}%", 100.0 * c)),
             a.flagged,
             100.0 * a.share
         );

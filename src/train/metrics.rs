@@ -1,4 +1,4 @@
-//! Run outputs a person reads: `metrics.jsonl`, the progress bar.
+//! `metrics.jsonl`: one line per logged optimizer step.
 
 use crate::error::Result;
 use std::path::PathBuf;
@@ -57,33 +57,4 @@ impl Metrics {
         self.lines.push(m);
         crate::io::write_atomic(&self.path, self.text.as_bytes())
     }
-}
-
-/// A progress bar with step, loss, tokens/s and ETA; hidden with `--quiet`
-/// or when stderr is not a terminal.
-pub fn progress(len: u64, quiet: bool) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    let style = indicatif::ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps | {msg} | ETA {eta}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar
-}
-
-/// A counting progress bar (e.g. examples of the scoring pass) with rate and ETA.
-pub fn progress_units(len: u64, unit: &str, quiet: bool) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    let template = format!("{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit} | {{msg}} | ETA {{eta}}");
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(&template)
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar
 }

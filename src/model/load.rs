@@ -1,0 +1,184 @@
+//! Where a model's weights come from: an HF-format directory (config.json,
+//! safetensors shards), the Hugging Face Hub cache, or random initialisation
+//! (tests, benchmarks and the tiny default's pre-training start).
+
+use crate::error::{Error, Result};
+use crate::model::ModelConfig;
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Read and parse `config.json` in a model directory.
+pub fn load_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join("config.json");
+    if !dir.is_dir() {
+        return Err(Error::model(dir, "model directory not found"));
+    }
+    let v = crate::io::read_json_opt(&path)?
+        .ok_or_else(|| Error::model(&path, "config.json not found"))?;
+    ModelConfig::from_json(&v, &path)
+}
+
+/// The safetensors files of a checkpoint: the shards named by
+/// `model.safetensors.index.json`, or the single `model.safetensors`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if let Some(v) = crate::io::read_json_opt(&index)? {
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::model(&index, "no weight_map"))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(Error::model(
+        dir,
+        "no model.safetensors or model.safetensors.index.json",
+    ))
+}
+
+/// Load every tensor of a checkpoint onto `device`, naming the file on error.
+pub fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for f in weight_files(dir)? {
+        let t = candle_core::safetensors::load(&f, device)
+            .map_err(|e| Error::model(&f, format!("cannot read weights: {e}")))?;
+        out.extend(t);
+    }
+    Ok(out)
+}
+
+/// Resolve `model.path`: a local directory, or a Hub repo id fetched through
+/// hf-hub's cache (honours HF_HOME; HF_HUB_OFFLINE=1 reads the cache only).
+pub fn resolve_model_dir(path: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let local = Path::new(path);
+    if local.is_dir()
+        || path.starts_with('.')
+        || path.starts_with('/')
+        || path.matches('/').count() != 1
+    {
+        if !local.is_dir() {
+            return Err(Error::model(local, "model directory not found"));
+        }
+        return Ok(local.to_path_buf());
+    }
+    let rev = revision.unwrap_or("main").to_string();
+    let repo = hf_hub::Repo::with_revision(path.to_string(), hf_hub::RepoType::Model, rev);
+    let offline =
+        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let fetch = |file: &str| -> Result<Option<PathBuf>> {
+        if offline {
+            return Ok(hf_hub::Cache::from_env().repo(repo.clone()).get(file));
+        }
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_progress(false)
+            .build()
+            .map_err(|e| Error::model(path, format!("hub: {e}")))?;
+        match api.repo(repo.clone()).get(file) {
+            Ok(p) => Ok(Some(p)),
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => {
+                Ok(None)
+            }
+            Err(e) => Err(Error::model(
+                path,
+                format!("hub download of {file} failed: {e}"),
+            )),
+        }
+    };
+    let config = fetch("config.json")?.ok_or_else(|| {
+        Error::model(
+            path,
+            if offline {
+                "not in the local hub cache (HF_HUB_OFFLINE is set)"
+            } else {
+                "no config.json in this repo"
+            },
+        )
+    })?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        fetch(f)?;
+    }
+    match fetch("model.safetensors.index.json")? {
+        Some(index) => {
+            let dir = index.parent().map(Path::to_path_buf).unwrap_or_default();
+            for f in weight_files(&dir)? {
+                let name = f
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                fetch(&name)?.ok_or_else(|| Error::model(path, format!("missing shard {name}")))?;
+            }
+        }
+        None => {
+            fetch("model.safetensors")?
+                .ok_or_else(|| Error::model(path, "no safetensors weights in this repo"))?;
+        }
+    }
+    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// N(0, 0.02) matrices, unit norms: the usual decoder initialisation.
+pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f32, 0.02).map_err(|e| Error::Msg(e.to_string()))?;
+    let (h, i, hd, v) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.head_dim,
+        cfg.vocab_size,
+    );
+    let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![v, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    if !cfg.tie_word_embeddings {
+        shapes.push(("lm_head.weight".into(), vec![v, h]));
+    }
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        for (n, s) in [
+            ("self_attn.q_proj.weight", vec![nh * hd, h]),
+            ("self_attn.k_proj.weight", vec![nkv * hd, h]),
+            ("self_attn.v_proj.weight", vec![nkv * hd, h]),
+            ("self_attn.o_proj.weight", vec![h, nh * hd]),
+            ("mlp.gate_proj.weight", vec![i, h]),
+            ("mlp.up_proj.weight", vec![i, h]),
+            ("mlp.down_proj.weight", vec![h, i]),
+            ("input_layernorm.weight", vec![h]),
+            ("post_attention_layernorm.weight", vec![h]),
+        ] {
+            shapes.push((format!("{p}.{n}"), s));
+        }
+    }
+    let mut out = HashMap::new();
+    for (name, shape) in shapes {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if shape.len() == 1 {
+            vec![1.0; n]
+        } else {
+            (0..n).map(|_| normal.sample(&mut rng)).collect()
+        };
+        out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,151 @@
+//! A run's stages in order, wired in one place: embedded assets → setup
+//! (model, tokenised data) → loss mask (XTF scoring or a baseline) →
+//! training → report → evaluation. `main.rs` only parses flags and calls
+//! these; every stage lives in its own module and none calls back here.
+
+use crate::config::{Config, Strategy};
+use crate::error::Result;
+use crate::eval::{self, gen};
+use crate::train::{self, LossMask, RunOptions, Setup};
+use crate::xtf::{self, XtfRun};
+use crate::{assets, data::tokenizer::Tok, model};
+use std::path::{Path, PathBuf};
+
+/// Command-line switches that change how a run goes, not what it computes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Switches {
+    /// No progress bar; plain log lines.
+    pub quiet: bool,
+    /// Recompute XTF scores even when the cache matches.
+    pub rescore: bool,
+    /// Continue training from the newest checkpoint in `output.dir`.
+    pub resume: bool,
+}
+
+/// Stage 0: `model.init_tiny` creates the tiny model, tokenizer and data,
+/// so the files that `[data]` and `[eval]` name exist before anything
+/// checks them.
+pub fn ensure_assets(cfg: &Config) -> Result<()> {
+    match &cfg.model.init_tiny {
+        Some(dir) => assets::tiny::ensure(dir),
+        None => Ok(()),
+    }
+}
+
+/// Stage 2: the loss mask the config asks for; XTF scores with the base
+/// model (adapters off) before any training step.
+pub fn loss_mask(cfg: &Config, s: &mut Setup, sw: Switches) -> Result<(Option<XtfRun>, LossMask)> {
+    Ok(match cfg.strategy() {
+        Strategy::Xtf => {
+            let r = xtf::prepare(cfg, s, sw.rescore, sw.quiet)?;
+            let m = LossMask::from_keep(&r.mask.keep);
+            (Some(r), m)
+        }
+        Strategy::None => (None, LossMask::All),
+        _ => {
+            let m = cfg.mask.clone().unwrap_or_default();
+            (None, train::mask::prepare(cfg, s, &m)?)
+        }
+    })
+}
+
+/// `xtf-train score`: only the XTF scoring pass and its outputs.
+pub fn score(cfg: &Config, sw: Switches) -> Result<XtfRun> {
+    let setup = train::setup(cfg)?;
+    xtf::prepare(cfg, &setup, sw.rescore, sw.quiet)
+}
+
+/// The whole pipeline: setup, mask, training, the report's loss curve and,
+/// with `[eval] after_train`, evaluation of the model still in memory.
+pub fn run(cfg: &Config, sw: Switches) -> Result<train::TrainReport> {
+    let eval_after = cfg.eval.as_ref().is_some_and(|e| e.after_train);
+    if eval_after {
+        // A bad [eval] task fails now, not after the training run.
+        eval::check(cfg)?;
+    }
+    let mut setup = train::setup(cfg)?;
+    let (xtf_run, mask) = loss_mask(cfg, &mut setup, sw)?;
+    let opts = RunOptions {
+        quiet: sw.quiet,
+        resume: sw.resume,
+    };
+    let report = train::train(cfg, &mut setup, &mask, opts)?;
+    if let Some(r) = &xtf_run {
+        xtf::write_report(cfg, &setup, r, &report.metrics)?;
+    }
+    if eval_after {
+        let opts = eval::EvalOptions {
+            quiet: sw.quiet,
+            label: format!("{} trained in memory", cfg.output.dir.display()),
+        };
+        let source = eval::Source::Model {
+            model: &setup.model,
+            tok: &setup.tok,
+            model_dir: &setup.model_dir,
+        };
+        eval::run(cfg, source, &opts)?;
+    }
+    Ok(report)
+}
+
+/// What `xtf-train eval` evaluates.
+pub enum EvalTarget {
+    /// `model.path` (or another HF-format dir), plus an optional adapter.
+    Model {
+        dir: Option<PathBuf>,
+        adapter: Option<PathBuf>,
+    },
+    /// Completions from a JSONL file; nothing is generated.
+    Completions(PathBuf),
+}
+
+/// `xtf-train eval`: the tasks are checked before the model is loaded.
+pub fn evaluate(cfg: &Config, target: EvalTarget, quiet: bool) -> Result<eval::EvalReport> {
+    let (dir, adapter) = match target {
+        EvalTarget::Completions(file) => {
+            let label = format!("completions {}", file.display());
+            let opts = eval::EvalOptions { quiet, label };
+            return eval::run(cfg, eval::Source::Completions(&file), &opts);
+        }
+        EvalTarget::Model { dir, adapter } => (dir, adapter),
+    };
+    eval::check(cfg)?;
+    let dir = match dir {
+        Some(dir) => dir,
+        None => model::resolve_model_dir(&cfg.model.path, cfg.model.revision.as_deref())?,
+    };
+    let tok = Tok::load(&dir)?;
+    let m = model::lora::load_frozen(
+        &dir,
+        cfg.model.dtype.dtype(),
+        &cfg.device()?,
+        adapter.as_deref(),
+    )?;
+    let label = match &adapter {
+        Some(a) => format!("{} + adapter {}", dir.display(), a.display()),
+        None => dir.display().to_string(),
+    };
+    let source = eval::Source::Model {
+        model: &m,
+        tok: &tok,
+        model_dir: &dir,
+    };
+    eval::run(cfg, source, &eval::EvalOptions { quiet, label })
+}
+
+/// `xtf-train generate`: the config's template around `prompt`, the
+/// config's model plus an optional adapter.
+pub fn generate(
+    cfg: &Config,
+    prompt: &str,
+    adapter: Option<&Path>,
+    opts: &gen::GenOptions,
+) -> Result<String> {
+    let dir = model::resolve_model_dir(&cfg.model.path, cfg.model.revision.as_deref())?;
+    let tok = Tok::load(&dir)?;
+    let model = model::lora::load_frozen(&dir, cfg.model.dtype.dtype(), &cfg.device()?, adapter)?;
+    let mut ids: Vec<u32> = tok.bos.into_iter().collect();
+    ids.extend(tok.encode(&cfg.data.template.replace("{prompt}", prompt))?);
+    let out = gen::generate(&model, &tok, &[ids], opts)?;
+    Ok(out.into_iter().next().map(|g| g.text).unwrap_or_default())
+}

@@ -1,0 +1,447 @@
+//! Training: the setup it needs, the loss masks it reads, the optimizer and
+//! its checkpoints, and the loop itself. `loss_step` (one micro-batch
+//! forward + backward) is kept apart from `train` (the optimizer-step
+//! loop), like torchtune's recipes; bookkeeping lives in `RunLog` so the
+//! loop reads top to bottom.
+
+pub mod checkpoint;
+pub mod mask;
+pub mod metrics;
+pub mod optim;
+pub mod setup;
+
+pub use mask::LossMask;
+pub use setup::{setup, Setup};
+
+use crate::config::{Config, Method};
+use crate::data::{self, Batch, Example};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::model::{lora, Fwd};
+use crate::train::metrics::{Metrics, StepMetrics};
+use crate::train::optim::{lr_at, AdamW, AdamWParams};
+use candle_core::{Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// `sum_p m_p · CE_p` over one micro-batch (the spec's numerator).
+pub fn masked_ce_sum(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+    let w = batch.weights.to_dtype(logits.dtype())?;
+    Ok((crate::model::ops::token_ce(logits, &batch.targets)? * w)?.sum_all()?)
+}
+
+/// Forward + backward of one micro-batch, its loss divided by `norm`, the
+/// unmasked label tokens of the *whole* optimizer step, so accumulation gives
+/// the gradient of one large batch. Returns the scaled loss and the gradients.
+pub fn loss_step(
+    model: &Model,
+    batch: &Batch,
+    norm: f64,
+    fwd: &mut Fwd,
+) -> Result<(f64, candle_core::backprop::GradStore)> {
+    let logits = model.forward(&batch.input, fwd, None)?;
+    let loss = (masked_ce_sum(&logits, batch)? / norm)?;
+    let grads = loss.backward()?;
+    Ok((crate::io::scalar_f64(&loss)?, grads))
+}
+
+/// Rho-1's selective language modelling on one micro-batch: the `n_keep`
+/// label tokens with the largest excess loss `CE_train - CE_ref` (current
+/// model, no gradient through the choice) carry weight 1, the rest 0; the
+/// loss is their CE summed and divided by `norm`.
+pub fn slm_loss_step(
+    model: &Model,
+    batch: &Batch,
+    ref_loss: &Tensor,
+    n_keep: usize,
+    norm: f64,
+    fwd: &mut Fwd,
+) -> Result<(f64, candle_core::backprop::GradStore)> {
+    let logits = model.forward(&batch.input, fwd, None)?;
+    let ce = crate::model::ops::token_ce(&logits, &batch.targets)?;
+    let excess = (ce.detach() - ref_loss)?.flatten_all()?.to_vec1::<f32>()?;
+    let labels = batch.weights.flatten_all()?.to_vec1::<f32>()?;
+    let keep = crate::train::mask::slm_select(&excess, &labels, n_keep);
+    let w = Tensor::from_vec(keep, batch.weights.shape(), &model.device)?;
+    let loss = ((ce * w)?.sum_all()? / norm)?;
+    let grads = loss.backward()?;
+    Ok((crate::io::scalar_f64(&loss)?, grads))
+}
+
+/// Add this micro-batch's gradients into the step's accumulators.
+pub fn accumulate(
+    acc: &mut [Option<Tensor>],
+    vars: &[(String, Var)],
+    grads: &candle_core::backprop::GradStore,
+) -> Result<()> {
+    for (slot, (_, var)) in acc.iter_mut().zip(vars) {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            *slot = Some(match slot.take() {
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Mean cross-entropy over all label tokens of `examples` (token-weighted).
+pub fn eval_loss(model: &Model, examples: &[Example], batch_size: usize, pad: u32) -> Result<f64> {
+    let (mut sum, mut n) = (0f64, 0f64);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = data::make_batch(&refs, None, pad, &model.device)?;
+        let logits = model.forward(&batch.input, &mut Fwd::default(), None)?;
+        sum += crate::io::scalar_f64(&masked_ce_sum(&logits.detach(), &batch)?)?;
+        n += batch.n_tokens;
+    }
+    Ok(if n > 0.0 { sum / n } else { f64::NAN })
+}
+
+/// The order of micro-batches: each epoch a fresh seeded shuffle.
+pub struct Plan {
+    pub micro: Vec<Vec<usize>>,
+    pub steps: usize,
+    pub accum: usize,
+}
+
+impl Plan {
+    pub fn new(n: usize, cfg: &crate::config::TrainSection) -> Self {
+        let per_step = cfg.micro_batch_size * cfg.grad_accum;
+        let steps = cfg.max_steps.unwrap_or(cfg.epochs * n.div_ceil(per_step));
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut micro = Vec::new();
+        while micro.len() < steps * cfg.grad_accum {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.shuffle(&mut rng);
+            micro.extend(order.chunks(cfg.micro_batch_size).map(<[usize]>::to_vec));
+        }
+        Self {
+            micro,
+            steps,
+            accum: cfg.grad_accum,
+        }
+    }
+
+    /// Micro-batches (as example indices) of optimizer step `step`.
+    pub fn step(&self, step: usize) -> &[Vec<usize>] {
+        &self.micro[step * self.accum..(step + 1) * self.accum]
+    }
+}
+
+/// What a training run reports back.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub skipped_steps: usize,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub tokens_per_s: f64,
+    pub output_dir: PathBuf,
+    pub metrics: Vec<StepMetrics>,
+}
+
+/// Run-level switches from the command line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// No progress bar; plain log lines.
+    pub quiet: bool,
+    /// Continue from the newest checkpoint in `output.dir`, if any.
+    pub resume: bool,
+}
+
+/// Train per the config and write every output to `output.dir`.
+pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> Result<TrainReport> {
+    let t = &cfg.train;
+    let mut opt = AdamW::new(s.vars.clone(), AdamWParams::from(t))?;
+    let plan = Plan::new(s.train.len(), t);
+    let mut log = RunLog::open(cfg, s, &mut opt, plan.steps, run)?;
+    for step in log.start..plan.steps {
+        let started = Instant::now();
+        // Every micro-batch first: the loss is normalised by the unmasked
+        // label tokens of the whole optimizer step (spec: loss mask).
+        let batches = plan
+            .step(step)
+            .iter()
+            .map(|idx| micro_batch(s, idx, mask))
+            .collect::<Result<Vec<_>>>()?;
+        let n_tok: f64 = batches
+            .iter()
+            .map(|(b, slm)| slm.as_ref().map_or(b.n_tokens, |x| x.1 as f64))
+            .sum();
+        if n_tok == 0.0 {
+            log.skip(step);
+            continue;
+        }
+        // Forward/backward each micro-batch, summing gradients.
+        let lr = lr_at(step, t.lr, t.warmup_steps, plan.steps, t.schedule);
+        let mut acc: Vec<Option<Tensor>> = vec![None; s.vars.len()];
+        let mut loss = 0.0;
+        for (b, slm) in &batches {
+            let mut fwd = Fwd {
+                rng: Some(&mut log.rng),
+                no_adapters: false,
+            };
+            let (l, grads) = match slm {
+                None => loss_step(&s.model, b, n_tok, &mut fwd)?,
+                Some((r, k)) => slm_loss_step(&s.model, b, r, *k, n_tok, &mut fwd)?,
+            };
+            accumulate(&mut acc, &s.vars, &grads)?;
+            loss += l;
+        }
+        // Clip and update.
+        let grad_norm = opt.step(&acc, lr, t.max_grad_norm)?;
+        let tokens: usize = batches.iter().flat_map(|(b, _)| &b.lengths).sum();
+        let tps = tokens as f64 / started.elapsed().as_secs_f64();
+        // Evaluate on schedule and always after the last step.
+        let last = step + 1 == plan.steps;
+        let eval = match !s.eval.is_empty()
+            && (last || t.eval_steps.is_some_and(|e| (step + 1) % e == 0))
+        {
+            true => Some(eval_loss(&s.model, &s.eval, t.micro_batch_size, s.tok.pad)?),
+            false => None,
+        };
+        let m = StepMetrics {
+            step: step + 1,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s: tps,
+            label_tokens: n_tok,
+            eval_loss: eval,
+        };
+        log.record(m, tokens, last)?;
+        if t.save_steps.is_some_and(|k| (step + 1) % k == 0) && !last {
+            log.checkpoint(s, &opt, step + 1)?;
+        }
+    }
+    let report = log.finish(plan.steps);
+    save_outputs(cfg, s)?;
+    Ok(report)
+}
+
+/// A run's bookkeeping, kept out of the loop: the dropout RNG, metrics.jsonl,
+/// the progress bar, resume state and the first/last losses.
+struct RunLog {
+    rng: ChaCha8Rng,
+    metrics: Metrics,
+    bar: indicatif::ProgressBar,
+    quiet: bool,
+    out: PathBuf,
+    log_steps: usize,
+    steps: usize,
+    /// First optimizer step this process runs (> 0 after `--resume`).
+    start: usize,
+    skipped: usize,
+    first_loss: f64,
+    last_loss: f64,
+    eval: Option<f64>,
+    started: Instant,
+    tokens: usize,
+}
+
+impl RunLog {
+    /// Create `output.dir`, write the resolved config, restore a checkpoint
+    /// when resuming.
+    fn open(
+        cfg: &Config,
+        s: &Setup,
+        opt: &mut AdamW,
+        steps: usize,
+        run: RunOptions,
+    ) -> Result<Self> {
+        let out = cfg.output.dir.clone();
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        crate::io::write_atomic(&out.join("config.resolved.toml"), cfg.to_toml().as_bytes())?;
+        let mut log = Self {
+            rng: ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0x5eed),
+            metrics: Metrics::new(out.join("metrics.jsonl")),
+            bar: crate::io::progress(steps as u64, run.quiet),
+            quiet: run.quiet,
+            log_steps: cfg.train.log_steps,
+            steps,
+            start: 0,
+            skipped: 0,
+            first_loss: f64::NAN,
+            last_loss: f64::NAN,
+            eval: None,
+            started: Instant::now(),
+            tokens: 0,
+            out,
+        };
+        match run.resume.then(|| checkpoint::latest(&log.out)).flatten() {
+            Some(dir) => {
+                let st = checkpoint::load(&dir, &s.vars, opt)?;
+                log.rng.set_word_pos(
+                    st.rng_word_pos
+                        .parse()
+                        .map_err(|_| Error::model(&dir, "invalid rng_word_pos"))?,
+                );
+                (log.start, log.skipped) = (st.step, st.skipped);
+                log.first_loss = st.metrics.first().map_or(f64::NAN, |m| m.loss);
+                log.metrics = Metrics::resume(log.out.join("metrics.jsonl"), st.metrics);
+                tracing::info!("resuming from {} (step {})", dir.display(), log.start);
+            }
+            None if run.resume => tracing::warn!(
+                "--resume: no checkpoint in {}; starting from step 0",
+                log.out.display()
+            ),
+            None => {}
+        }
+        log.bar.set_position(log.start as u64);
+        tracing::info!(
+            "training: {steps} steps, {} trainable tensors ({} params)",
+            s.vars.len(),
+            s.vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>()
+        );
+        Ok(log)
+    }
+
+    /// A step whose every label token is masked: no update, counted.
+    fn skip(&mut self, step: usize) {
+        self.skipped += 1;
+        tracing::warn!(
+            "step {}: every label token is masked; step skipped",
+            step + 1
+        );
+        self.bar.inc(1);
+    }
+
+    /// Losses, metrics.jsonl (every `log_steps`, at evals and at the end),
+    /// log line and progress bar of one optimizer step.
+    fn record(&mut self, m: StepMetrics, tokens: usize, last: bool) -> Result<()> {
+        self.tokens += tokens;
+        if self.first_loss.is_nan() {
+            self.first_loss = m.loss;
+        }
+        self.last_loss = m.loss;
+        let (step, loss, tps) = (m.step, m.loss, m.tokens_per_s);
+        if let Some(e) = m.eval_loss {
+            self.eval = Some(e);
+            self.bar
+                .suspend(|| tracing::info!("step {step:>5} | eval_loss {e:.4}"));
+        }
+        if step % self.log_steps == 0 || last || m.eval_loss.is_some() {
+            if self.quiet {
+                tracing::info!(
+                    "step {step:>5}/{} | loss {loss:.4} | lr {:.2e} | grad_norm {:.3} | {tps:>8.0} tok/s",
+                    self.steps,
+                    m.lr,
+                    m.grad_norm
+                );
+            }
+            self.metrics.push(m)?;
+        }
+        self.bar
+            .set_message(format!("loss {loss:.4} | {tps:.0} tok/s"));
+        self.bar.inc(1);
+        Ok(())
+    }
+
+    /// A resumable checkpoint after `step` optimizer steps.
+    fn checkpoint(&self, s: &Setup, opt: &AdamW, step: usize) -> Result<()> {
+        let state = checkpoint::LoopState {
+            step,
+            skipped: self.skipped,
+            rng_word_pos: self.rng.get_word_pos().to_string(),
+            metrics: self.metrics.lines.clone(),
+        };
+        checkpoint::save(&self.out, &s.vars, opt, &state)
+    }
+
+    fn finish(self, steps: usize) -> TrainReport {
+        self.bar.finish_and_clear();
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let report = TrainReport {
+            steps,
+            skipped_steps: self.skipped,
+            first_loss: self.first_loss,
+            last_loss: self.last_loss,
+            eval_loss: self.eval,
+            tokens_per_s: self.tokens as f64 / elapsed.max(1e-9),
+            output_dir: self.out,
+            metrics: self.metrics.lines,
+        };
+        tracing::info!(
+            "done: {} steps ({} skipped) in {elapsed:.1}s | loss {:.4} -> {:.4} | eval_loss {} | {:.0} tok/s | outputs in {}",
+            report.steps,
+            report.skipped_steps,
+            report.first_loss,
+            report.last_loss,
+            report.eval_loss.map_or("-".into(), |e| format!("{e:.4}")),
+            report.tokens_per_s,
+            report.output_dir.display()
+        );
+        report
+    }
+}
+
+/// One micro-batch of training examples `idx` with its loss weights; for SLM
+/// also the reference losses laid out like the targets and how many tokens
+/// to keep (the step's loss normaliser is known before any forward).
+fn micro_batch(
+    s: &Setup,
+    idx: &[usize],
+    mask: &LossMask,
+) -> Result<(Batch, Option<(Tensor, usize)>)> {
+    let ex: Vec<&Example> = idx.iter().map(|&i| &s.train[i]).collect();
+    let dev = &s.model.device;
+    match mask {
+        LossMask::All => Ok((data::make_batch(&ex, None, s.tok.pad, dev)?, None)),
+        LossMask::Weights(w) => {
+            let w: Vec<&[f32]> = idx.iter().map(|&i| w[i].as_slice()).collect();
+            Ok((data::make_batch(&ex, Some(&w), s.tok.pad, dev)?, None))
+        }
+        LossMask::Slm { ref_loss, keep } => {
+            let b = data::make_batch(&ex, None, s.tok.pad, dev)?;
+            let r: Vec<&[f32]> = idx.iter().map(|&i| ref_loss[i].as_slice()).collect();
+            let len = b.input.dim(1)?;
+            let grid = Tensor::from_vec(data::label_grid(&ex, &r, len), (ex.len(), len), dev)?;
+            let n_keep = crate::train::mask::slm_count(b.n_tokens as usize, *keep);
+            Ok((b, Some((grid, n_keep))))
+        }
+    }
+}
+
+/// LoRA: PEFT adapter (+ merged weights if asked). Full: an HF checkpoint.
+pub fn save_outputs(cfg: &Config, s: &mut Setup) -> Result<()> {
+    let out = &cfg.output.dir;
+    match cfg.train.method {
+        Method::Lora => {
+            lora::save_adapter(&s.vars, &cfg.lora, &cfg.model.path, out)?;
+            if cfg.output.merge {
+                let merged = lora::merged_tensors(&mut s.model)?;
+                save_checkpoint(&merged, &s.model_dir, &out.join("merged"))?;
+            }
+        }
+        Method::Full => save_checkpoint(&s.model.named_tensors(), &s.model_dir, out)?,
+    }
+    Ok(())
+}
+
+/// Write `model.safetensors` plus the base's config and tokenizer files, so
+/// `AutoModelForCausalLM.from_pretrained(dir)` loads it.
+pub fn save_checkpoint(tensors: &[(String, Tensor)], base_dir: &Path, dir: &Path) -> Result<()> {
+    let map = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.detach().contiguous()?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    crate::io::save_safetensors(&dir.join("model.safetensors"), &map)?;
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        let src = base_dir.join(f);
+        if src.exists() {
+            crate::io::copy_atomic(&src, &dir.join(f))?;
+        }
+    }
+    Ok(())
+}
