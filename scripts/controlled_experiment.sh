@@ -14,10 +14,19 @@
 # Environment (defaults in brackets):
 #   OUT         output directory [runs/controlled]
 #   SEEDS       training seeds (train.seed) [1 2 3]
-#   ARMS        arms to run [normal xtf]; also available: clean (normal
-#               fine-tuning on the same problems without noise, the ceiling),
-#               oracle (masks exactly the injected tokens via a sidecar) and
-#               xtf_eos (XTF with xtf.protect_eos = true; a post-hoc variant)
+#   ARMS        arms to run [normal xtf xtf_caps authors]:
+#               normal   ordinary fine-tuning on the noisy set
+#               xtf      XTF, the paper's dataset-level rules (preset "paper")
+#               xtf_caps the paper's rules with the authors' per-example caps
+#                        (max_share RI 0.05 / KN 0.10 / TR 0.05)
+#               authors  xtf.preset = "authors" (the released code's defaults)
+#               also: clean (normal fine-tuning on the same problems without
+#               noise, the ceiling), oracle (masks exactly the injected tokens
+#               via a sidecar), xtf_eos (XTF with xtf.protect_eos = true), and
+#               ablations ARM@SUBSET, e.g. authors@kn+tr: ARM with only the
+#               named attributes enabled (ri, kn, tr; "none" disables all)
+#   ABLATE      also run the 7 non-empty attribute subsets of this arm
+#               (e.g. ABLATE=authors); the empty subset is the normal arm
 #   NOISE_RATE  target noise share of response bytes [0.4]
 #   DATA_SEED   seed of the problems and the noise [7]
 #   STEPS       optimizer steps per run [80]
@@ -29,7 +38,11 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-runs/controlled}
 SEEDS=${SEEDS:-1 2 3}
-ARMS=${ARMS:-normal xtf}
+ARMS=${ARMS:-normal xtf xtf_caps authors}
+ABLATE=${ABLATE:-}
+if [[ -n $ABLATE ]]; then
+    for sub in ri kn tr ri+kn ri+tr kn+tr ri+kn+tr; do ARMS="$ARMS $ABLATE@$sub"; done
+fi
 NOISE_RATE=${NOISE_RATE:-0.4}
 DATA_SEED=${DATA_SEED:-7}
 STEPS=${STEPS:-80}
@@ -57,10 +70,13 @@ then
     "$XTF_BIN" init-controlled --out "$DATA" --noise-rate "$NOISE_RATE" --seed "$DATA_SEED" >/dev/null
 fi
 
+# Arms trained with an XTF mask (they write scores.jsonl).
+is_xtf() { [[ $1 == xtf* || $1 == authors* ]]; }
+
 # One config per (arm, seed): the static configs with paths, seed and steps set.
 make_config() { # arm seed -> path of the config
     local arm=$1 seed=$2 src=configs/controlled-normal.toml
-    [[ $arm == xtf* ]] && src=configs/controlled-xtf.toml
+    is_xtf "$arm" && src=configs/controlled-xtf.toml
     local cfg="$OUT/configs/$arm-s$seed.toml"
     python3 - "$src" "$cfg" "$arm" "$seed" "$DATA" "$OUT/$arm-s$seed" "$STEPS" <<'PY'
 import re, sys
@@ -77,8 +93,28 @@ sub(r'^path = "runs/controlled/data/test.jsonl"', f'path = "{data}/test.jsonl"')
 sub(r'^seed = \d+', f"seed = {seed}")
 sub(r'^max_steps = \d+', f"max_steps = {steps}")
 sub(r'^dir = ".*"', f'dir = "{out}"')
-if arm == "xtf_eos":
+base, _, subset = arm.partition("@")
+if base == "xtf_eos":
     sub(r'^protect_eos = false', "protect_eos = true")
+if base == "xtf_caps":
+    # The paper's rules with the authors' per-example caps.
+    sub(r'^iqr_factor = 1.0', "iqr_factor = 1.0\nmax_share = 0.05")
+    sub(r'^threshold = 0.05', "threshold = 0.05\nmax_share = 0.10")
+    sub(r'^filter_class = 1', "filter_class = 1\nmax_share = 0.05")
+if base == "authors":
+    # Every [xtf] key from the preset: drop the file's explicit paper values.
+    head, sep, _ = s.partition("\n[xtf]\n")
+    assert sep
+    s = head + '\n[xtf]\nenabled = true\nbatch_size = 16\npreset = "authors"\n'
+if subset:
+    on = set() if subset == "none" else set(subset.split("+"))
+    assert on <= {"ri", "kn", "tr"}, subset
+    for a in ("ri", "kn", "tr"):
+        flag = "true" if a in on else "false"
+        if f"[xtf.{a}]" in s:
+            sub(rf'^\[xtf\.{a}\]\nenabled = true', f"[xtf.{a}]\nenabled = {flag}")
+        else:
+            s += f"\n[xtf.{a}]\nenabled = {flag}\n"
 if arm == "oracle":
     sub(r'^strategy = "none"', f'strategy = "sidecar"\nsidecar = "{data}/oracle_mask.jsonl"')
 open(dst, "w").write(s)
@@ -89,7 +125,7 @@ PY
 for seed in $SEEDS; do
     for arm in $ARMS; do
         if [[ $REPORT_ONLY == 1 ]]; then
-            [[ $arm == xtf* ]] && python3 scripts/mask_vs_noise.py "$DATA/noise.jsonl" \
+            is_xtf "$arm" && python3 scripts/mask_vs_noise.py "$DATA/noise.jsonl" \
                 "$OUT/$arm-s$seed/scores.jsonl" "$DATA/base/model/tokenizer.json" \
                 >"$OUT/$arm-s$seed/mask_vs_noise.json"
             continue
@@ -97,10 +133,14 @@ for seed in $SEEDS; do
         cfg=$(make_config "$arm" "$seed")
         # XTF's scores depend on the base model and data, not on train.seed:
         # later seeds reuse the first seed's score cache (the key is checked).
-        first=$(echo $SEEDS | cut -d' ' -f1)
-        if [[ $arm == xtf* && $seed != "$first" && -f "$OUT/$arm-s$first/xtf_scores.safetensors" ]]; then
-            mkdir -p "$OUT/$arm-s$seed"
-            cp "$OUT/$arm-s$first/xtf_scores.safetensors" "$OUT/$arm-s$seed/"
+        # Any arm's cache will do when its key matches (filters are not keyed).
+        if is_xtf "$arm" && [[ ! -f "$OUT/$arm-s$seed/xtf_scores.safetensors" ]]; then
+            for c in "$OUT"/*/xtf_scores.safetensors; do
+                [[ -f $c ]] || continue
+                mkdir -p "$OUT/$arm-s$seed"
+                cp "$c" "$OUT/$arm-s$seed/"
+                break
+            done
         fi
         t0=$(date +%s)
         echo "== $arm seed $seed" >&2
@@ -109,7 +149,7 @@ for seed in $SEEDS; do
             exit 1
         }
         echo $(($(date +%s) - t0)) >"$OUT/$arm-s$seed/wall_s"
-        if [[ $arm == xtf* ]]; then
+        if is_xtf "$arm"; then
             python3 scripts/mask_vs_noise.py "$DATA/noise.jsonl" "$OUT/$arm-s$seed/scores.jsonl" \
                 "$DATA/base/model/tokenizer.json" >"$OUT/$arm-s$seed/mask_vs_noise.json"
         fi
@@ -166,26 +206,37 @@ for a in arms:
     losses = [res[(a, s)][2] for s in seeds]
     print(f"| {a} | " + " | ".join(f"{x:.2f}" for x in accs)
           + f" | {ms(accs)} | {ms(losses)} | {statistics.mean(walls):.0f} |")
-if "xtf" in arms:
+xtf_arms = [a for a in arms if a.startswith(("xtf", "authors"))]
+if xtf_arms:
     print()
-    print("XTF mask vs the injected noise (a token is caught when the mask drops it):")
+    print("Each XTF arm's mask vs the injected noise, mean ± sd over seeds (a token is caught when the mask drops it):")
     print()
-    print("| seed | masked share | precision | recall | F1 | KN P / R | TR P / R | RI flagged "
+    print("| arm | masked share | precision | recall | F1 | RI P / R | KN P / R | TR P / R "
           "| recall filler / digit / off-task | answer digits masked | EOS masked |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for s in seeds:
-        mv = res[("xtf", s)][3]
-        k, t, r = (mv["by_attribute"][x] for x in ("kn", "tr", "ri"))
-        print(f"| {s} | {mv['masked_share']:.3f} | {mv['mask']['precision']:.3f} | {mv['mask']['recall']:.3f} "
-              f"| {mv['mask']['f1']:.3f} | {k['precision']:.3f} / {k['recall']:.3f} "
-              f"| {t['precision']:.3f} / {t['recall']:.3f} | {r['flagged']} "
-              + ("| " + " / ".join(f"{mv['recall_by_kind'][x]['recall']:.3f}" for x in ("filler", "wrong_digit", "off_task"))
-                 if "recall_by_kind" in mv else "| -")
-              + f" | {mv.get('answer_digits_masked_share', float('nan')):.3f} | {mv.get('eos_masked_share', float('nan')):.3f} |")
+    def pr(mvs, get):
+        return ms([get(mv) for mv in mvs])
+    for a in xtf_arms:
+        mvs = [res[(a, s)][3] for s in seeds if res[(a, s)][3]]
+        if not mvs:
+            continue
+        att = lambda x, k: pr(mvs, lambda mv: mv["by_attribute"][x][k])
+        kinds = ("filler", "wrong_digit", "off_task")
+        rk = (" / ".join(pr(mvs, lambda mv, x=x: mv["recall_by_kind"][x]["recall"]) for x in kinds)
+              if "recall_by_kind" in mvs[0] else "-")
+        print(f"| {a} | {pr(mvs, lambda mv: mv['masked_share'])} | {pr(mvs, lambda mv: mv['mask']['precision'])} "
+              f"| {pr(mvs, lambda mv: mv['mask']['recall'])} | {pr(mvs, lambda mv: mv['mask']['f1'])} "
+              f"| {att('ri', 'precision')} / {att('ri', 'recall')} | {att('kn', 'precision')} / {att('kn', 'recall')} "
+              f"| {att('tr', 'precision')} / {att('tr', 'recall')} | {rk} "
+              f"| {pr(mvs, lambda mv: mv.get('answer_digits_masked_share', float('nan')))} "
+              f"| {pr(mvs, lambda mv: mv.get('eos_masked_share', float('nan')))} |")
     print()
-    print(f"Precision of a mask that drops tokens at random: the noise share, {m['noise_label_token_share']:.3f}.")
+    print(f"Precision of a mask that drops tokens at random: the noise share, {m['noise_label_token_share']:.3f}. "
+          "P / R per attribute are over the tokens that attribute flags (after its cap), whether or not it is enabled in the arm.")
 print()
 print("Arms: normal = all label tokens of the noisy set; xtf = XTF mask (paper defaults); "
+      "xtf_caps = the paper's rules with per-example caps RI 0.05 / KN 0.10 / TR 0.05; "
+      "authors = xtf.preset \"authors\" (the released code's defaults); ARM@SUBSET = ARM with only those attributes on; "
       "clean = the same problems without noise (ceiling); oracle = the noisy set with exactly the injected tokens masked; "
       "xtf_eos = XTF with protect_eos = true (a variant tried after the first results).")
 PY

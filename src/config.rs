@@ -242,6 +242,23 @@ pub enum Preset {
     Authors,
 }
 
+/// The `[xtf]` defaults a preset sets, as dotted keys below `xtf`.
+/// `"authors"`: github EonHao/XTF @ bd83b19 (`XTF_script.py`,
+/// `utils/ScoreR.py`); every point is listed in docs/xtf.md.
+pub fn preset_defaults(preset: Preset) -> Vec<(&'static str, toml::Value)> {
+    match preset {
+        Preset::Paper => Vec::new(),
+        Preset::Authors => vec![
+            ("ri.scope", "example".into()),
+            ("ri.iqr_factor", 1.5.into()),
+            ("ri.max_share", 0.05.into()),
+            ("kn.max_share", 0.10.into()),
+            ("tr.classes", 5.into()),
+            ("tr.max_share", 0.05.into()),
+        ],
+    }
+}
+
 /// `xtf.ri.scope`: where the RI fence's quartiles are taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -601,9 +618,43 @@ impl Config {
                 msg: format!("{}{line}", inner.message().trim()),
             }
         })?;
+        if cfg.xtf.as_ref().is_some_and(|x| x.preset != Preset::Paper) {
+            cfg = cfg.with_preset(text, path)?;
+        }
         cfg.source = path.to_path_buf();
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Re-read `text` with `xtf.preset`'s defaults filled in under every
+    /// `[xtf]` key the file leaves unset (the file already parsed once, so
+    /// every key it sets is known to be valid).
+    fn with_preset(&self, text: &str, path: &Path) -> Result<Self> {
+        let preset = self.xtf.as_ref().map(|x| x.preset).unwrap_or_default();
+        let err = |msg: String| Error::Config {
+            file: path.to_path_buf(),
+            key: "xtf.preset".into(),
+            msg,
+        };
+        let mut root: toml::Table = text.parse().map_err(|e| err(format!("{e}")))?;
+        let xtf = root
+            .entry("xtf")
+            .or_insert_with(|| toml::Table::new().into());
+        for (key, value) in preset_defaults(preset) {
+            let mut table = &mut *xtf;
+            let mut parts = key.split('.').peekable();
+            while let Some(part) = parts.next() {
+                let toml::Value::Table(t) = table else { break };
+                if parts.peek().is_none() {
+                    t.entry(part).or_insert(value.clone());
+                    break;
+                }
+                table = t.entry(part).or_insert_with(|| toml::Table::new().into());
+            }
+        }
+        toml::Value::Table(root)
+            .try_into()
+            .map_err(|e: toml::de::Error| err(e.message().to_string()))
     }
 
     fn err(&self, key: &str, msg: impl std::fmt::Display) -> Error {

@@ -177,3 +177,56 @@ fn sweep_runner_writes_valid_configs_for_every_method() {
         );
     }
 }
+
+#[test]
+fn authors_preset_sets_defaults_and_explicit_keys_win() {
+    use xtf_train::config::{Preset, RiScope};
+    // Paper preset (the default): no caps, dataset-level RI fence.
+    let p = parse(&format!("{MINIMAL}\n[xtf]\n")).unwrap().xtf.unwrap();
+    assert_eq!(p.preset, Preset::Paper);
+    assert_eq!(
+        (p.ri.scope, p.ri.iqr_factor, p.tr.classes),
+        (RiScope::Dataset, 1.0, 3)
+    );
+    assert_eq!(
+        (p.ri.max_share, p.kn.max_share, p.tr.max_share),
+        (None, None, None)
+    );
+    // Authors: the released code's values (spec "Per-example caps").
+    let a = parse(&format!("{MINIMAL}\n[xtf]\npreset = \"authors\"\n"))
+        .unwrap()
+        .xtf
+        .unwrap();
+    assert_eq!(
+        (a.ri.scope, a.ri.iqr_factor, a.tr.classes),
+        (RiScope::Example, 1.5, 5)
+    );
+    assert_eq!(
+        (a.ri.max_share, a.kn.max_share, a.tr.max_share),
+        (Some(0.05), Some(0.10), Some(0.05))
+    );
+    // Keys set in the file win, in sub-tables too; untouched ones keep the preset's.
+    let o = parse(&format!(
+        "{MINIMAL}\n[xtf]\npreset = \"authors\"\n[xtf.ri]\niqr_factor = 2.0\n[xtf.kn]\nmax_share = 0.5\nthreshold = 0.1\n"
+    ))
+    .unwrap()
+    .xtf
+    .unwrap();
+    assert_eq!(
+        (o.ri.iqr_factor, o.ri.scope, o.ri.max_share),
+        (2.0, RiScope::Example, Some(0.05))
+    );
+    assert_eq!((o.kn.max_share, o.kn.threshold), (Some(0.5), 0.1));
+    assert_eq!((o.tr.classes, o.tr.max_share), (5, Some(0.05)));
+    // Bad values are still errors naming the key.
+    for (extra, key) in [
+        ("[xtf.kn]\nmax_share = 0.0\n", "xtf.kn.max_share"),
+        ("[xtf.tr]\nmax_share = 1.5\n", "xtf.tr.max_share"),
+        ("[xtf.ri]\nscope = \"batch\"\n", "xtf.ri.scope"),
+    ] {
+        let e = parse(&format!("{MINIMAL}\n[xtf]\npreset = \"authors\"\n{extra}")).unwrap_err();
+        assert!(e.contains(key) && e.contains("cfg/x.toml"), "{e}");
+    }
+    let e = parse(&format!("{MINIMAL}\n[xtf]\npreset = \"mine\"\n")).unwrap_err();
+    assert!(e.contains("xtf.preset"), "{e}");
+}

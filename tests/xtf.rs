@@ -234,3 +234,117 @@ fn steps_with_no_unmasked_token_are_skipped_and_counted() {
     let after = values(&s);
     assert_eq!(before, after, "a skipped step must not touch the weights");
 }
+
+/// Spec "Per-example caps", on real scores: a cap on one attribute thins
+/// only that attribute's flags, to at most floor(n · share) per example,
+/// keeping the lowest scores; the union and the summary follow the capped
+/// flags; the uncapped counts are reported.
+#[test]
+fn caps_apply_per_attribute_and_per_example() {
+    let (d, _) = env();
+    let cfg = config(
+        d.path(),
+        "",
+        "[xtf.ri]\niqr_factor = 0.25\n[xtf.kn]\nthreshold = 0.99\n",
+    );
+    let s = setup(&cfg).unwrap();
+    let run = prepare(&cfg, &s, false, true).unwrap();
+    let free = &run.mask;
+    let count = |v: &Vec<Vec<bool>>| v.iter().flatten().filter(|b| **b).count();
+    let share = 0.2;
+    for a in 0..3 {
+        for others_on in [true, false] {
+            let mut x = cfg.xtf.clone().unwrap();
+            match a {
+                0 => x.ri.max_share = Some(share),
+                1 => x.kn.max_share = Some(share),
+                _ => x.tr.max_share = Some(share),
+            }
+            let on = [
+                a == 0 || others_on,
+                a == 1 || others_on,
+                a == 2 || others_on,
+            ];
+            (x.ri.enabled, x.kn.enabled, x.tr.enabled) = (on[0], on[1], on[2]);
+            let m = build(&run.scores, &s.train, &x, s.tok.eos);
+            let sets = |m: &xtf_train::xtf::mask::XtfMask| {
+                [m.noise_ri.clone(), m.noise_kn.clone(), m.noise_tr.clone()]
+            };
+            let (capped, uncapped) = (sets(&m), sets(free));
+            for b in 0..3 {
+                assert_eq!(m.flagged_before_cap[b], count(&uncapped[b]));
+                if b != a {
+                    assert_eq!(capped[b], uncapped[b], "cap on {a} touched {b}");
+                }
+            }
+            let mut thinned = false;
+            for i in 0..s.train.len() {
+                let n = s.train[i].n_labels();
+                let limit = (n as f64 * share).floor() as usize;
+                let sc: Vec<f32> = match a {
+                    0 => run.scores[i].ri.clone(),
+                    1 => run.scores[i].kn.clone(),
+                    _ => free.s_tr[i].clone(),
+                };
+                let (c, u) = (&capped[a][i], &uncapped[a][i]);
+                let (nc, nu) = (
+                    c.iter().filter(|b| **b).count(),
+                    u.iter().filter(|b| **b).count(),
+                );
+                assert_eq!(
+                    nc,
+                    nu.min(limit),
+                    "example {i}: {nc} of {nu} kept, limit {limit}"
+                );
+                thinned |= nc < nu;
+                // Every kept flag is a rule flag scoring no higher than any dropped one.
+                for k in 0..n {
+                    assert!(!c[k] || u[k]);
+                    for j in 0..n {
+                        if c[k] && u[j] && !c[j] {
+                            assert!(sc[k] < sc[j] || (sc[k] == sc[j] && k < j));
+                        }
+                    }
+                }
+                for k in 0..n {
+                    let noisy = (on[0] && capped[0][i][k])
+                        || (on[1] && capped[1][i][k])
+                        || (on[2] && capped[2][i][k]);
+                    assert_eq!(m.keep[i][k], !noisy);
+                }
+            }
+            assert!(thinned, "cap on attribute {a} must bind somewhere");
+        }
+    }
+}
+
+/// `ri.scope = "example"`: each example's fence from its own label tokens'
+/// numpy-linear quartiles (computed here independently).
+#[test]
+fn per_example_ri_fence_uses_each_examples_own_quartiles() {
+    let (d, _) = env();
+    let cfg = config(
+        d.path(),
+        "",
+        "[xtf.ri]\nscope = \"example\"\niqr_factor = 0.1\n[xtf.kn]\nenabled = false\n[xtf.tr]\nenabled = false\n",
+    );
+    let s = setup(&cfg).unwrap();
+    let run = prepare(&cfg, &s, false, true).unwrap();
+    assert!(run.summary.cutoffs.ri.is_none());
+    let mut total = 0;
+    for (i, sc) in run.scores.iter().enumerate() {
+        let mut v: Vec<f64> = sc.ri.iter().map(|&x| x as f64).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let q = |p: f64| {
+            let h = p * (v.len() - 1) as f64;
+            let (lo, hi) = (h.floor() as usize, h.ceil() as usize);
+            v[lo] + (h - lo as f64) * (v[hi] - v[lo])
+        };
+        let fence = q(0.25) - 0.1 * (q(0.75) - q(0.25));
+        let want: Vec<bool> = sc.ri.iter().map(|&x| (x as f64) < fence).collect();
+        assert_eq!(run.mask.noise_ri[i], want, "example {i}");
+        total += want.iter().filter(|b| **b).count();
+    }
+    assert!(total > 0, "the per-example fence must flag something");
+    assert_eq!(run.summary.ri.flagged, total);
+}
