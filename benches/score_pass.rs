@@ -61,6 +61,8 @@ fn main() -> xtf_train::Result<()> {
             reduce: RiReduce::ReceivedMean,
             layers: (0..layers).collect(),
             distance: Distance::Cosine,
+            embedding: xtf_train::config::TrEmbedding::Input,
+            domain_words: None,
             batch_size: batch,
         };
         let forward = |ids: &Tensor| -> xtf_train::Result<f64> {

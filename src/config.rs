@@ -253,7 +253,11 @@ pub fn preset_defaults(preset: Preset) -> Vec<(&'static str, toml::Value)> {
             ("ri.iqr_factor", 1.5.into()),
             ("ri.max_share", 0.05.into()),
             ("kn.max_share", 0.10.into()),
+            ("protect_eos", true.into()),
             ("tr.classes", 5.into()),
+            ("tr.rule", "below_cut".into()),
+            ("tr.cut_share", 1.0.into()),
+            ("tr.embedding", "final_hidden".into()),
             ("tr.max_share", 0.05.into()),
         ],
     }
@@ -333,9 +337,48 @@ pub struct TrSection {
     pub classes: usize,
     #[serde(default = "one")]
     pub filter_class: usize,
+    /// Which tokens of the Multi-Otsu classes are flagged.
+    #[serde(default)]
+    pub rule: TrRule,
+    /// `rule = "below_cut"`: the authors' `r`, the cumulative share of
+    /// tokens at or above the thresholds past which the cut stops.
+    #[serde(default = "one_f64")]
+    pub cut_share: f64,
+    /// The token vectors `E(t)`.
+    #[serde(default)]
+    pub embedding: TrEmbedding,
+    /// The domain vector from these words instead of the training data:
+    /// the mean over words of the mean vector of each word's tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_words: Option<Vec<String>>,
     /// Per-example cap: at most `floor(n · max_share)` flagged tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_share: Option<f64>,
+}
+
+/// `xtf.tr.rule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrRule {
+    /// Flag Multi-Otsu class `filter_class` (the paper; spec default).
+    #[default]
+    Class,
+    /// Flag every token below one threshold, chosen by the authors' code's
+    /// cumulative rule with `cut_share` (docs/xtf.md).
+    BelowCut,
+}
+
+/// `xtf.tr.embedding`: what `E(t)` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrEmbedding {
+    /// The input embedding row (the paper; spec default).
+    #[default]
+    Input,
+    /// The base model's final (normed) hidden state for the token run
+    /// alone as a one-token sequence (the authors' code); for domain words,
+    /// the word's tokens run as one sequence, averaged over its positions.
+    FinalHidden,
 }
 
 /// `[mask]`: which label tokens the loss counts (one interface, several
@@ -540,6 +583,9 @@ fn default_kn_threshold() -> f64 {
 }
 fn default_distance() -> Distance {
     Distance::Cosine
+}
+fn one_f64() -> f64 {
+    1.0
 }
 fn default_classes() -> usize {
     3
@@ -830,6 +876,18 @@ impl Config {
                 "xtf.tr.classes",
                 format!("must be >= 2, got {}", x.tr.classes),
             );
+            check(
+                x.tr.cut_share > 0.0,
+                "xtf.tr.cut_share",
+                format!("must be > 0, got {}", x.tr.cut_share),
+            );
+            if let Some(w) = &x.tr.domain_words {
+                check(
+                    w.iter().any(|s| !s.trim().is_empty()),
+                    "xtf.tr.domain_words",
+                    "must hold at least one non-empty word".into(),
+                );
+            }
             check(
                 x.tr.filter_class < x.tr.classes,
                 "xtf.tr.filter_class",

@@ -5,11 +5,12 @@
 mod common;
 use candle_core::Tensor;
 use std::collections::HashMap;
-use xtf_train::config::{Distance, Layers, RiReduce};
+use xtf_train::config::{Distance, Layers, RiReduce, TrEmbedding};
 use xtf_train::data::Example;
 use xtf_train::model::Model;
 use xtf_train::xtf::score::{
-    domain_vector, resolve_layers, score_batch, token_distances, ScoreOptions,
+    distances, domain_vector, resolve_layers, score_batch, token_distances, token_vectors,
+    ScoreOptions,
 };
 
 fn load(family: &str) -> (Model, HashMap<String, Tensor>, Vec<Example>) {
@@ -66,6 +67,8 @@ fn kn_and_ri_match_transformers() {
                 reduce: *reduce,
                 layers: resolve_layers(layers, model.cfg.num_layers).unwrap(),
                 distance: Distance::Cosine,
+                embedding: TrEmbedding::Input,
+                domain_words: None,
                 batch_size: 2,
             };
             // Scored as one padded batch: padding must not leak into RI.
@@ -86,7 +89,11 @@ fn tr_distances_match_transformers() {
     for family in ["llama", "qwen2", "mistral"] {
         let (model, r, ex) = load(family);
         let refs: Vec<&Example> = ex.iter().collect();
-        let v = domain_vector(&model, &refs).unwrap();
+        let mut ids: Vec<u32> = ex.iter().flat_map(|e| e.ids.clone()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let vecs = token_vectors(&model, &ids, TrEmbedding::Input).unwrap();
+        let v = domain_vector(&refs, &ids, &vecs).unwrap();
         assert_close(
             family,
             "V",
@@ -98,9 +105,21 @@ fn tr_distances_match_transformers() {
             (Distance::Cosine, "tr_dist_cos"),
             (Distance::Euclidean, "tr_dist_euclid"),
         ] {
-            let d = token_distances(&model, &v, dist).unwrap();
+            let d = distances(&vecs, &v, dist).unwrap();
+            let opts = ScoreOptions {
+                reduce: RiReduce::ReceivedMean,
+                layers: vec![0],
+                distance: dist,
+                embedding: TrEmbedding::Input,
+                domain_words: None,
+                batch_size: 2,
+            };
+            let by_id = token_distances(&model, &refs, &opts).unwrap();
+            for (r, id) in ids.iter().enumerate() {
+                assert_eq!(by_id[id], d[r]);
+            }
             for (b, e) in ex.iter().enumerate() {
-                let ours: Vec<f32> = e.ids.iter().map(|&id| d[id as usize]).collect();
+                let ours: Vec<f32> = e.ids.iter().map(|id| by_id[id]).collect();
                 let want = r[key].get(b).unwrap().to_vec1::<f32>().unwrap();
                 assert_close(family, key, &ours, &want[..e.ids.len()], 1e-5);
             }

@@ -306,11 +306,9 @@ fn caps_apply_per_attribute_and_per_example() {
                         }
                     }
                 }
-                for k in 0..n {
-                    let noisy = (on[0] && capped[0][i][k])
-                        || (on[1] && capped[1][i][k])
-                        || (on[2] && capped[2][i][k]);
-                    assert_eq!(m.keep[i][k], !noisy);
+                for (k, &kept) in m.keep[i].iter().enumerate() {
+                    let noisy = (0..3).any(|b| on[b] && capped[b][i][k]);
+                    assert_eq!(kept, !noisy);
                 }
             }
             assert!(thinned, "cap on attribute {a} must bind somewhere");

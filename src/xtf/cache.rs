@@ -92,6 +92,8 @@ pub fn key(
         "reduce": format!("{:?}", opts.reduce),
         "layers": opts.layers,
         "distance": format!("{:?}", opts.distance),
+        "embedding": format!("{:?}", opts.embedding),
+        "domain_words": opts.domain_words,
         "token_ids": format!("{:x}", ids.finalize()),
     });
     Ok(format!(

@@ -377,3 +377,22 @@ pub fn cap_flags(flags: &mut [bool], scores: &[f32], max_share: Option<f64>) {
         flags[k] = false;
     }
 }
+
+/// The authors' code's choice of one Multi-Otsu threshold as the TR cut
+/// (`xtf.tr.rule = "below_cut"`): with `P_c` the share of `values` at or
+/// above threshold `t_c` (ascending), walk `c = 1, 2, ..` adding `P_c`; at
+/// the first `c` where the sum exceeds `cut_share`, the cut is `t_{c-1}`
+/// (`t_1` when `c = 1`); if it never does, the highest threshold. Tokens
+/// below the cut are flagged. `None` without thresholds.
+pub fn cumulative_cut(values: &[f32], thresholds: &[f64], cut_share: f64) -> Option<f64> {
+    let last = *thresholds.last()?;
+    let n = values.len().max(1) as f64;
+    let mut cum = 0.0;
+    for (c, &t) in thresholds.iter().enumerate() {
+        cum += values.iter().filter(|&&v| v as f64 >= t).count() as f64 / n;
+        if cum > cut_share {
+            return Some(thresholds[c.saturating_sub(1)]);
+        }
+    }
+    Some(last)
+}

@@ -3,9 +3,11 @@
 //! from the (cached) scores on every run, so changing a filter option never
 //! rescores.
 
-use crate::config::{RiScope, XtfSection};
+use crate::config::{RiScope, TrRule, XtfSection};
 use crate::data::Example;
-use crate::xtf::filter::{cap_flags, iqr_fence, otsu_class, threshold_multiotsu, IqrFence};
+use crate::xtf::filter::{
+    cap_flags, cumulative_cut, iqr_fence, otsu_class, threshold_multiotsu, IqrFence,
+};
 use crate::xtf::score::TokenScores;
 
 /// Histogram bins for Multi-Otsu (spec: "a 256-bin histogram").
@@ -23,6 +25,8 @@ pub struct Cutoffs {
     pub tr_dmax: f64,
     /// Multi-Otsu thresholds on S_TR, ascending; empty when not applicable.
     pub tr_thresholds: Vec<f64>,
+    /// `tr.rule = "below_cut"`: the threshold below which TR flags.
+    pub tr_cut: Option<f64>,
     /// Why TR flags nothing, when it cannot threshold.
     pub tr_warning: Option<String>,
 }
@@ -90,6 +94,16 @@ pub fn build(scores: &[TokenScores], examples: &[Example], x: &XtfSection, eos: 
             Some(format!("task relevance flags nothing: {e}")),
         ),
     };
+    let tr_cut = match x.tr.rule {
+        TrRule::Class => None,
+        TrRule::BelowCut => cumulative_cut(&tr_all, &tr_thresholds, x.tr.cut_share),
+    };
+    let tr_low_rule = |v: f32| match (x.tr.rule, tr_cut) {
+        _ if tr_thresholds.is_empty() => false,
+        (TrRule::Class, _) => otsu_class(v, &tr_thresholds) == x.tr.filter_class,
+        (TrRule::BelowCut, Some(cut)) => (v as f64) < cut,
+        (TrRule::BelowCut, None) => false,
+    };
     let fence = ri.as_ref().map_or(f64::NEG_INFINITY, |f| f.fence);
     let enabled = [x.ri.enabled, x.kn.enabled, x.tr.enabled];
     let mut m = XtfMask {
@@ -109,6 +123,7 @@ pub fn build(scores: &[TokenScores], examples: &[Example], x: &XtfSection, eos: 
             tr_dmin: dmin,
             tr_dmax: dmax,
             tr_thresholds: tr_thresholds.clone(),
+            tr_cut,
             tr_warning,
         },
     };
@@ -122,12 +137,7 @@ pub fn build(scores: &[TokenScores], examples: &[Example], x: &XtfSection, eos: 
         };
         let mut ri_low: Vec<bool> = s.ri.iter().map(|&v| (v as f64) < fence).collect();
         let mut kn_low: Vec<bool> = s.kn.iter().map(|&v| (v as f64) < x.kn.threshold).collect();
-        let mut tr_low: Vec<bool> = s_tr[i]
-            .iter()
-            .map(|&v| {
-                !tr_thresholds.is_empty() && otsu_class(v, &tr_thresholds) == x.tr.filter_class
-            })
-            .collect();
+        let mut tr_low: Vec<bool> = s_tr[i].iter().map(|&v| tr_low_rule(v)).collect();
         for (a, low) in [&ri_low, &kn_low, &tr_low].into_iter().enumerate() {
             m.flagged_before_cap[a] += low.iter().filter(|&&f| f).count();
         }

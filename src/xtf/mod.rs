@@ -33,7 +33,7 @@ pub fn prepare(cfg: &Config, s: &Setup, rescore: bool, quiet: bool) -> Result<Xt
     let x: &XtfSection = &cfg.xtf_settings();
     let out = &cfg.output.dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let opts = ScoreOptions::from_config(x, s.model.cfg.num_layers, &cfg.source)?;
+    let opts = ScoreOptions::from_config(x, s.model.cfg.num_layers, &s.tok, &cfg.source)?;
     let key = cache::key(cfg, &s.model_dir, &s.train, &opts)?;
     let path = out.join(cache::CACHE_FILE);
     let cached = if rescore {

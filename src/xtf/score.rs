@@ -3,7 +3,7 @@
 //! (adapters off), in f32, producing per label token `S_KN`, `S_RI` and the
 //! raw task-relevance distance `D` (normalised to `S_TR` over the dataset).
 
-use crate::config::{Distance, Layers, RiReduce, XtfSection};
+use crate::config::{Distance, Layers, RiReduce, TrEmbedding, XtfSection};
 use crate::data::{make_batch, Example};
 use crate::error::{Error, Result};
 use crate::model::Fwd;
@@ -27,12 +27,44 @@ pub struct ScoreOptions {
     /// Resolved, sorted, distinct layer indices.
     pub layers: Vec<usize>,
     pub distance: Distance,
+    pub embedding: TrEmbedding,
+    /// `tr.domain_words`, tokenised (words with no token dropped).
+    pub domain_words: Option<Vec<Vec<u32>>>,
     pub batch_size: usize,
 }
 
 impl ScoreOptions {
-    pub fn from_config(x: &XtfSection, num_layers: usize, file: &std::path::Path) -> Result<Self> {
+    /// `tok` tokenises `tr.domain_words` (no special tokens, as each word
+    /// is run alone).
+    pub fn from_config(
+        x: &XtfSection,
+        num_layers: usize,
+        tok: &crate::data::tokenizer::Tok,
+        file: &std::path::Path,
+    ) -> Result<Self> {
+        let domain_words = match &x.tr.domain_words {
+            None => None,
+            Some(words) => {
+                let ids: Vec<Vec<u32>> = words
+                    .iter()
+                    .map(|w| tok.encode(w.trim()))
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .filter(|ids| !ids.is_empty())
+                    .collect();
+                if ids.is_empty() {
+                    return Err(Error::Config {
+                        file: file.to_path_buf(),
+                        key: "xtf.tr.domain_words".into(),
+                        msg: "no word yields a token".into(),
+                    });
+                }
+                Some(ids)
+            }
+        };
         Ok(Self {
+            embedding: x.tr.embedding,
+            domain_words,
             reduce: x.ri.reduce,
             layers: resolve_layers(&x.ri.layers, num_layers).map_err(|msg| Error::Config {
                 file: file.to_path_buf(),
@@ -108,14 +140,7 @@ pub fn score_batch(
         }
         Ok(())
     };
-    let logits = model.forward(
-        &batch.input,
-        &mut Fwd {
-            rng: None,
-            no_adapters: true,
-        },
-        Some(&mut observer),
-    )?;
+    let logits = model.forward(&batch.input, &mut base_fwd(), Some(&mut observer))?;
     let ce = crate::model::ops::token_ce(&logits.detach().to_dtype(DType::F32)?, &batch.targets)?
         .to_vec2::<f32>()?;
     let received = match received {
@@ -142,33 +167,83 @@ pub fn score_batch(
         .collect())
 }
 
-/// The domain vector `V = 1/W Σ_w (1/T_w Σ_{t∈x_w} E(t))`, written as `cᵀE`
-/// with `c_t = 1/W Σ_w count_w(t)/T_w`, so it costs one (vocab × H) product.
-pub fn domain_vector(model: &Model, examples: &[&Example]) -> Result<Tensor> {
-    let vocab = model.cfg.vocab_size;
-    let mut c = vec![0f64; vocab];
+/// Token vectors `E(t)` for the ids `ids` (rows in that order), as
+/// `tr.embedding` defines them: input-embedding rows, or the base model's
+/// final hidden state for each id run alone (one forward over a batch of
+/// one-token sequences; adapters off).
+pub fn token_vectors(model: &Model, ids: &[u32], embedding: TrEmbedding) -> Result<Tensor> {
+    let dev = &model.device;
+    let idx = Tensor::from_vec(ids.to_vec(), ids.len(), dev)?;
+    match embedding {
+        TrEmbedding::Input => Ok(model.embeddings().index_select(&idx, 0)?.to_dtype(DType::F32)?),
+        TrEmbedding::FinalHidden => {
+            let mut rows = Vec::new();
+            for chunk in ids.chunks(512) {
+                let x = Tensor::from_vec(chunk.to_vec(), (chunk.len(), 1), dev)?;
+                let h = model.hidden(&x, &mut base_fwd(), None)?;
+                rows.push(h.squeeze(1)?.to_dtype(DType::F32)?.detach());
+            }
+            Ok(Tensor::cat(&rows, 0)?)
+        }
+    }
+}
+
+/// The base model: no adapters, no dropout.
+fn base_fwd() -> Fwd<'static> {
+    Fwd {
+        rng: None,
+        no_adapters: true,
+    }
+}
+
+/// The domain vector `V = 1/W Σ_w (1/T_w Σ_{t∈x_w} E(t))` over the training
+/// examples, written as `cᵀE` with `c_t = 1/W Σ_w count_w(t)/T_w` over the
+/// distinct ids `ids` whose vectors `vecs` holds (rows in `ids` order).
+pub fn domain_vector(examples: &[&Example], ids: &[u32], vecs: &Tensor) -> Result<Tensor> {
+    let row: std::collections::HashMap<u32, usize> =
+        ids.iter().enumerate().map(|(r, &id)| (id, r)).collect();
+    let mut c = vec![0f64; ids.len()];
     let w = examples.len() as f64;
     for e in examples {
         let inv = 1.0 / (e.ids.len() as f64 * w);
-        for &id in &e.ids {
-            c[id as usize] += inv;
+        for id in &e.ids {
+            c[row[id]] += inv;
         }
     }
     // f64 where the device has it (Metal has no f64).
-    let dt = if model.device.is_cpu() {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let c = Tensor::from_vec(c, (1, vocab), &model.device)?.to_dtype(dt)?;
-    let emb = model.embeddings().to_dtype(dt)?;
-    Ok(c.matmul(&emb)?.squeeze(0)?.to_dtype(DType::F32)?)
+    let dev = vecs.device();
+    let dt = if dev.is_cpu() { DType::F64 } else { DType::F32 };
+    let c = Tensor::from_vec(c, (1, ids.len()), dev)?.to_dtype(dt)?;
+    Ok(c.matmul(&vecs.to_dtype(dt)?)?.squeeze(0)?.to_dtype(DType::F32)?)
 }
 
-/// `D(t)` for every token id: `1 - cos(E(t), V)` (0-norm row: cos = 0) or
-/// `||E(t) - V||_2`.
-pub fn token_distances(model: &Model, v: &Tensor, distance: Distance) -> Result<Vec<f32>> {
-    let emb = model.embeddings().to_dtype(DType::F32)?;
+/// The domain vector from `tr.domain_words` (the authors' code): the mean
+/// over words of the mean vector of each word's tokens; with
+/// `final_hidden` the word's tokens run as one sequence.
+pub fn word_domain_vector(
+    model: &Model,
+    words: &[Vec<u32>],
+    embedding: TrEmbedding,
+) -> Result<Tensor> {
+    let mut per_word = Vec::with_capacity(words.len());
+    for w in words {
+        let v = match embedding {
+            TrEmbedding::Input => token_vectors(model, w, embedding)?,
+            TrEmbedding::FinalHidden => {
+                let x = Tensor::from_vec(w.clone(), (1, w.len()), &model.device)?;
+                let h = model.hidden(&x, &mut base_fwd(), None)?;
+                h.squeeze(0)?.to_dtype(DType::F32)?.detach()
+            }
+        };
+        per_word.push(v.mean(0)?);
+    }
+    Ok(Tensor::stack(&per_word, 0)?.mean(0)?)
+}
+
+/// `D` for each row of `vecs`: `1 - cos(E, V)` (0-norm row: cos = 0) or
+/// `||E - V||_2`.
+pub fn distances(vecs: &Tensor, v: &Tensor, distance: Distance) -> Result<Vec<f32>> {
+    let emb = vecs.to_dtype(DType::F32)?;
     let v = v.to_dtype(DType::F32)?.unsqueeze(0)?;
     let d = match distance {
         Distance::Euclidean => emb.broadcast_sub(&v)?.sqr()?.sum(D::Minus1)?.sqrt()?,
@@ -189,6 +264,26 @@ pub fn token_distances(model: &Model, v: &Tensor, distance: Distance) -> Result<
     Ok(d.to_vec1::<f32>()?)
 }
 
+/// `D(t)` for every token id of the training set (spec "Task relevance"),
+/// as a map id → distance; `D` depends on the token only, so it is computed
+/// once per distinct id.
+pub fn token_distances(
+    model: &Model,
+    examples: &[&Example],
+    opts: &ScoreOptions,
+) -> Result<std::collections::HashMap<u32, f32>> {
+    let mut ids: Vec<u32> = examples.iter().flat_map(|e| e.ids.iter().copied()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let vecs = token_vectors(model, &ids, opts.embedding)?;
+    let v = match &opts.domain_words {
+        Some(words) => word_domain_vector(model, words, opts.embedding)?,
+        None => domain_vector(examples, &ids, &vecs)?,
+    };
+    let d = distances(&vecs, &v, opts.distance)?;
+    Ok(ids.into_iter().zip(d).collect())
+}
+
 /// Score a whole dataset. Examples run in length-sorted batches (less
 /// padding); results come back in dataset order.
 pub fn score_dataset(
@@ -198,8 +293,7 @@ pub fn score_dataset(
     quiet: bool,
 ) -> Result<Vec<TokenScores>> {
     let refs: Vec<&Example> = examples.iter().collect();
-    let v = domain_vector(model, &refs)?;
-    let dist = token_distances(model, &v, opts.distance)?;
+    let dist = token_distances(model, &refs, opts)?;
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].ids.len());
     let mut out = vec![TokenScores::default(); examples.len()];
@@ -211,7 +305,7 @@ pub fn score_dataset(
             let e = &examples[i];
             let d = e.ids[e.label_start..]
                 .iter()
-                .map(|&id| dist[id as usize])
+                .map(|id| dist[id])
                 .collect();
             out[i] = TokenScores { kn, ri, dist: d };
             tokens += e.ids.len();
