@@ -175,7 +175,10 @@ pub fn token_vectors(model: &Model, ids: &[u32], embedding: TrEmbedding) -> Resu
     let dev = &model.device;
     let idx = Tensor::from_vec(ids.to_vec(), ids.len(), dev)?;
     match embedding {
-        TrEmbedding::Input => Ok(model.embeddings().index_select(&idx, 0)?.to_dtype(DType::F32)?),
+        TrEmbedding::Input => Ok(model
+            .embeddings()
+            .index_select(&idx, 0)?
+            .to_dtype(DType::F32)?),
         TrEmbedding::FinalHidden => {
             let mut rows = Vec::new();
             for chunk in ids.chunks(512) {
@@ -214,7 +217,9 @@ pub fn domain_vector(examples: &[&Example], ids: &[u32], vecs: &Tensor) -> Resul
     let dev = vecs.device();
     let dt = if dev.is_cpu() { DType::F64 } else { DType::F32 };
     let c = Tensor::from_vec(c, (1, ids.len()), dev)?.to_dtype(dt)?;
-    Ok(c.matmul(&vecs.to_dtype(dt)?)?.squeeze(0)?.to_dtype(DType::F32)?)
+    Ok(c.matmul(&vecs.to_dtype(dt)?)?
+        .squeeze(0)?
+        .to_dtype(DType::F32)?)
 }
 
 /// The domain vector from `tr.domain_words` (the authors' code): the mean
@@ -272,7 +277,10 @@ pub fn token_distances(
     examples: &[&Example],
     opts: &ScoreOptions,
 ) -> Result<std::collections::HashMap<u32, f32>> {
-    let mut ids: Vec<u32> = examples.iter().flat_map(|e| e.ids.iter().copied()).collect();
+    let mut ids: Vec<u32> = examples
+        .iter()
+        .flat_map(|e| e.ids.iter().copied())
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     let vecs = token_vectors(model, &ids, opts.embedding)?;
@@ -303,10 +311,7 @@ pub fn score_dataset(
         let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
         for (&i, (kn, ri)) in chunk.iter().zip(score_batch(model, &batch, opts)?) {
             let e = &examples[i];
-            let d = e.ids[e.label_start..]
-                .iter()
-                .map(|id| dist[id])
-                .collect();
+            let d = e.ids[e.label_start..].iter().map(|id| dist[id]).collect();
             out[i] = TokenScores { kn, ri, dist: d };
             tokens += e.ids.len();
         }

@@ -182,10 +182,7 @@ impl Summary {
         let tr_cut = if self.cutoffs.tr_thresholds.is_empty() {
             "none".into()
         } else if let Some(cut) = self.cutoffs.tr_cut {
-            format!(
-                "S_TR < {cut:.4} (below_cut of {} classes)",
-                self.tr_classes
-            )
+            format!("S_TR < {cut:.4} (below_cut of {} classes)", self.tr_classes)
         } else {
             format!(
                 "class {} of thresholds {:?}",
