@@ -131,6 +131,13 @@ for seed in $SEEDS; do
             continue
         fi
         cfg=$(make_config "$arm" "$seed")
+        # A finished run with the same config is kept (an interrupted or
+        # extended experiment resumes).
+        if [[ -f "$OUT/$arm-s$seed/eval.json" && -f "$OUT/$arm-s$seed/config.toml" ]] \
+            && cmp -s "$cfg" "$OUT/$arm-s$seed/config.toml"; then
+            echo "== $arm seed $seed: done before, kept" >&2
+            continue
+        fi
         # XTF's scores depend on the base model and data, not on train.seed:
         # later seeds reuse the first seed's score cache (the key is checked).
         # Any arm's cache will do when its key matches (filters are not keyed).
@@ -149,6 +156,7 @@ for seed in $SEEDS; do
             exit 1
         }
         echo $(($(date +%s) - t0)) >"$OUT/$arm-s$seed/wall_s"
+        cp "$cfg" "$OUT/$arm-s$seed/config.toml"
         if is_xtf "$arm"; then
             python3 scripts/mask_vs_noise.py "$DATA/noise.jsonl" "$OUT/$arm-s$seed/scores.jsonl" \
                 "$DATA/base/model/tokenizer.json" >"$OUT/$arm-s$seed/mask_vs_noise.json"

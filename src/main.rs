@@ -85,6 +85,17 @@ enum Cmd {
         #[arg(long, conflicts_with_all = ["adapter", "model"])]
         completions: Option<PathBuf>,
     },
+    /// Convert a GGUF checkpoint (llama.cpp) into an HF-format directory:
+    /// config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
+    Convert {
+        #[arg(long)]
+        gguf: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight dtype of the written model.safetensors (f32 | bf16 | f16).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Create the embedded tiny model, tokenizer and dataset (offline, deterministic).
     InitTiny {
         #[arg(long)]
@@ -148,6 +159,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         resume: cli.resume,
     };
     match cli.cmd {
+        Some(Cmd::Convert { gguf, out, dtype }) => {
+            let dtype = match dtype.as_str() {
+                "f32" => candle_core::DType::F32,
+                "bf16" => candle_core::DType::BF16,
+                "f16" => candle_core::DType::F16,
+                other => anyhow::bail!("--dtype: expected f32, bf16 or f16, got {other:?}"),
+            };
+            let s = xtf_train::model::gguf::convert(&gguf, &out, dtype)?;
+            println!(
+                "{}: {} ({} tensors, {} parameters) -> {}",
+                gguf.display(),
+                s.arch.model_type(),
+                s.tensors,
+                s.parameters,
+                out.display()
+            );
+        }
         Some(Cmd::InitTiny { out, threads }) => {
             set_cpu_threads(Some(threads));
             assets::tiny::init(&out, &assets::tiny::TinySpec::default())?

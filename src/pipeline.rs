@@ -112,7 +112,11 @@ pub fn evaluate(cfg: &Config, target: EvalTarget, quiet: bool) -> Result<eval::E
     eval::check(cfg)?;
     let dir = match dir {
         Some(dir) => dir,
-        None => model::resolve_model_dir(&cfg.model.path, cfg.model.revision.as_deref())?,
+        None => model::resolve_model_dir(
+            &cfg.model.path,
+            cfg.model.revision.as_deref(),
+            cfg.model.dtype.dtype(),
+        )?,
     };
     let tok = Tok::load(&dir)?;
     let m = model::lora::load_frozen(
@@ -141,7 +145,11 @@ pub fn generate(
     adapter: Option<&Path>,
     opts: &gen::GenOptions,
 ) -> Result<String> {
-    let dir = model::resolve_model_dir(&cfg.model.path, cfg.model.revision.as_deref())?;
+    let dir = model::resolve_model_dir(
+        &cfg.model.path,
+        cfg.model.revision.as_deref(),
+        cfg.model.dtype.dtype(),
+    )?;
     let tok = Tok::load(&dir)?;
     let model = model::lora::load_frozen(&dir, cfg.model.dtype.dtype(), &cfg.device()?, adapter)?;
     let mut ids: Vec<u32> = tok.bos.into_iter().collect();

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -64,8 +64,15 @@ pub fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
 
 /// Resolve `model.path`: a local directory, or a Hub repo id fetched through
 /// hf-hub's cache (honours HF_HOME; HF_HUB_OFFLINE=1 reads the cache only).
-pub fn resolve_model_dir(path: &str, revision: Option<&str>) -> Result<PathBuf> {
+///
+/// A `.gguf` file is converted once (dequantised to `dtype`) into an HF-format
+/// directory under the GGUF cache ([`gguf_cache_dir`]) and that directory is
+/// returned, so every later stage loads it like any checkpoint.
+pub fn resolve_model_dir(path: &str, revision: Option<&str>, dtype: DType) -> Result<PathBuf> {
     let local = Path::new(path);
+    if path.ends_with(".gguf") {
+        return converted_gguf(local, dtype);
+    }
     if local.is_dir()
         || path.starts_with('.')
         || path.starts_with('/')
@@ -181,4 +188,71 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Te
         out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
     }
     Ok(out)
+}
+
+/// Where converted GGUF checkpoints live: `$XTF_CACHE/gguf`, else
+/// `$XDG_CACHE_HOME/xtf-train/gguf`, else `~/.cache/xtf-train/gguf`.
+pub fn gguf_cache_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("XTF_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("xtf-train")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/xtf-train")))
+        .unwrap_or_else(|| std::env::temp_dir().join("xtf-train"))
+        .join("gguf")
+}
+
+/// The HF-format directory for `file` converted to `dtype`, converting it
+/// on first use. Keyed by the file's size and a hash of its first and last
+/// MiB (a full hash of a multi-GB file would cost more than the conversion),
+/// so a changed file converts afresh; conversion goes to a temp dir renamed
+/// into place, so a killed run never leaves a half-written model.
+fn converted_gguf(file: &Path, dtype: DType) -> Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let len = f.metadata().map_err(|e| Error::io(file, e))?.len();
+    let mut h = Sha256::new();
+    h.update(len.to_le_bytes());
+    let mut buf = vec![0u8; 1 << 20];
+    for at in [0, len.saturating_sub(1 << 20)] {
+        f.seek(SeekFrom::Start(at))
+            .map_err(|e| Error::io(file, e))?;
+        let n = f.read(&mut buf).map_err(|e| Error::io(file, e))?;
+        h.update(&buf[..n]);
+    }
+    let stem = file
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    let key = format!("{:x}", h.finalize());
+    let dir = gguf_cache_dir().join(format!("{stem}-{}-{dtype:?}", &key[..16]).to_lowercase());
+    if dir.join("model.safetensors").is_file() {
+        return Ok(dir);
+    }
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".converting-")
+        .tempdir_in(parent)
+        .map_err(|e| Error::io(parent, e))?;
+    tracing::info!(
+        "converting {} to {} ({dtype:?})",
+        file.display(),
+        dir.display()
+    );
+    let started = std::time::Instant::now();
+    crate::model::gguf::convert(file, tmp.path(), dtype)?;
+    let staged = tmp.keep();
+    if let Err(e) = std::fs::rename(&staged, &dir) {
+        let _ = std::fs::remove_dir_all(&staged);
+        // Another process may have finished the same conversion first.
+        if !dir.join("model.safetensors").is_file() {
+            return Err(Error::io(&dir, e));
+        }
+    }
+    tracing::info!("converted in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(dir)
 }

@@ -7,6 +7,7 @@
 //! differentiable candle op, and an optional observer sees each layer's
 //! probabilities while only that layer's T×T matrix is alive.
 
+pub mod gguf;
 pub mod linear;
 pub mod load;
 pub mod lora;

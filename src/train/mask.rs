@@ -186,7 +186,7 @@ pub fn load_reference(cfg: &Config, s: &Setup, reference: &str) -> Result<Model>
     let model = if dir.join("adapter_config.json").is_file() {
         crate::model::lora::load_frozen(&s.model_dir, dtype, dev, Some(dir))?
     } else {
-        let rdir = crate::model::resolve_model_dir(reference, None)?;
+        let rdir = crate::model::resolve_model_dir(reference, None, cfg.model.dtype.dtype())?;
         crate::model::lora::load_frozen(&rdir, dtype, dev, None)?
     };
     if model.cfg.vocab_size != s.model.cfg.vocab_size {

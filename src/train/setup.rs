@@ -27,7 +27,11 @@ pub struct Setup {
 
 /// Resolve the model, read and tokenise the data, attach adapters.
 pub fn setup(cfg: &Config) -> Result<Setup> {
-    let model_dir = model::resolve_model_dir(&cfg.model.path, cfg.model.revision.as_deref())?;
+    let model_dir = model::resolve_model_dir(
+        &cfg.model.path,
+        cfg.model.revision.as_deref(),
+        cfg.model.dtype.dtype(),
+    )?;
     let tok = Tok::load(&model_dir)?;
     let d = &cfg.data;
     // The chat template is only needed for chat rows or `data.chat_template`;
