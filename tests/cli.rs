@@ -529,3 +529,54 @@ fn generate_prints_a_deterministic_greedy_continuation() {
     );
     assert_eq!(text, gen());
 }
+
+/// A `.gguf` model.path that is not GGUF, or is cut short, fails with one
+/// error line naming the file and what is wrong; nothing is written (no
+/// output dir, nothing left in the conversion cache).
+#[test]
+fn bad_gguf_files_fail_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let not_gguf = d.path().join("notes.gguf");
+    std::fs::write(&not_gguf, "# not a model\n".repeat(100)).unwrap();
+    let mut cases = vec![(not_gguf, "not a GGUF file")];
+    let real = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if real.exists() {
+        let bytes = std::fs::read(&real).unwrap();
+        let cut = d.path().join("cut.gguf");
+        std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+        cases.push((cut, "truncated"));
+    } else {
+        eprintln!(
+            "skipping the truncated real file: {} absent",
+            real.display()
+        );
+    }
+    for (file, what) in cases {
+        let cfg = config_with(d.path(), &file, &good_data(d.path()), "");
+        let name = file.file_name().unwrap().to_str().unwrap().to_string();
+        fails_with_env(
+            &cfg,
+            &[("XTF_CACHE", cache.to_str().unwrap())],
+            &[name.as_str(), what],
+        );
+        assert!(!d.path().join("out").exists(), "partial output left behind");
+        let left: Vec<_> = std::fs::read_dir(cache.join("gguf"))
+            .map(|r| r.flatten().collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "conversion left {left:?}");
+        // The convert subcommand says the same.
+        let o = bin()
+            .args(["convert", "--gguf", file.to_str().unwrap(), "--out"])
+            .arg(d.path().join("converted"))
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert!(err.contains(&name) && err.contains(what), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(!d.path().join("converted").exists());
+    }
+}
