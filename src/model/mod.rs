@@ -7,6 +7,7 @@
 //! differentiable candle op, and an optional observer sees each layer's
 //! probabilities while only that layer's T×T matrix is alive.
 
+pub mod fused;
 pub mod gguf;
 pub mod linear;
 pub mod load;
@@ -17,6 +18,7 @@ pub use linear::{Fwd, Linear};
 pub use load::{load_config, load_weights, random_weights, resolve_model_dir, weight_files};
 
 use crate::error::{Error, Result};
+use crate::model::fused::AttnMask;
 use crate::model::linear::check_shape;
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde_json::Value;
@@ -449,8 +451,7 @@ impl Model {
         let t = ids.dim(1)?;
         let (cos, sin) =
             self.rope_tables(&Tensor::arange(0u32, t as u32, &self.device)?.unsqueeze(0)?)?;
-        let mask = self.attn_mask(t)?;
-        self.decode(ids, &cos, &sin, &mask, fwd, observer, None)
+        self.decode(ids, &cos, &sin, Mask::Causal, fwd, observer, None)
     }
 
     /// Logits (B, t, vocab) for `ids` (B, t) continuing `cache`: `pos` (B, t)
@@ -469,7 +470,7 @@ impl Model {
             ids,
             &cos,
             &sin,
-            &mask,
+            Mask::Additive(&mask),
             &mut Fwd::default(),
             None,
             Some(cache),
@@ -486,7 +487,7 @@ impl Model {
         ids: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: Mask,
         fwd: &mut Fwd,
         mut observer: Option<&mut AttnObserver>,
         mut cache: Option<&mut KvCache>,
@@ -507,9 +508,9 @@ impl Model {
             x = (x + a)?;
             let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
             let m = &layer.mlp;
-            let g = m.gate.forward(&h, fwd)?.silu()?;
+            let g = m.gate.forward(&h, fwd)?;
             let u = m.up.forward(&h, fwd)?;
-            x = (x + m.down.forward(&(g * u)?, fwd)?)?;
+            x = (x + m.down.forward(&fused::swiglu(&g, &u)?, fwd)?)?;
         }
         rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
@@ -522,7 +523,7 @@ impl Model {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: Mask,
         fwd: &mut Fwd,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<(Tensor, Tensor)> {
@@ -550,11 +551,15 @@ impl Model {
         let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
         let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        // Softmax in f32 as transformers' eager attention does.
-        let scores = (q.matmul(&k.t()?)? * scale)?
-            .to_dtype(self.compute_dtype())?
-            .broadcast_add(mask)?;
-        let probs = crate::model::ops::softmax_last_dim(&scores)?;
+        // Scale, mask and softmax in one pass, in f32 as transformers' eager
+        // attention does (fused::attn_softmax; composite ops off the CPU).
+        let scores = q.matmul(&k.t()?)?;
+        let probs = match mask {
+            Mask::Causal => fused::attn_softmax(&scores, scale, &self.causal_mask(), None)?,
+            Mask::Additive(m) => {
+                fused::attn_softmax(&scores, scale, &AttnMask::default(), Some(m))?
+            }
+        };
         let y = probs.to_dtype(self.dtype)?.matmul(&v)?;
         let y = y
             .transpose(1, 2)?
@@ -579,22 +584,15 @@ impl Model {
         ))
     }
 
-    /// Causal (and, for Mistral, sliding-window) additive mask (T, T), f32.
-    /// Right padding needs no extra mask: real positions never see later ones.
-    fn attn_mask(&self, t: usize) -> Result<Tensor> {
-        let w = self.cfg.sliding_window.unwrap_or(usize::MAX);
-        let m: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..t).map(move |j| {
-                    if j > i || i - j >= w {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        Ok(Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.compute_dtype())?)
+    /// Causal (and, for Mistral, sliding-window) masking, computed inside
+    /// the softmax kernel. Right padding needs no extra mask: real positions
+    /// never see later ones.
+    fn causal_mask(&self) -> AttnMask {
+        AttnMask {
+            causal: true,
+            window: self.cfg.sliding_window,
+            key_start: None,
+        }
     }
 }
 
@@ -612,6 +610,14 @@ impl Layer {
     }
 }
 
+/// How attention is masked: causal (plus the sliding window) in-kernel, or
+/// an explicit additive (B, 1, t, keys) mask (generation with a KV cache).
+#[derive(Clone, Copy)]
+enum Mask<'a> {
+    Causal,
+    Additive(&'a Tensor),
+}
+
 /// Rotary embedding, non-interleaved (HF `rotate_half`): `x cos + rot(x) sin`.
 /// Same maths as candle's `rope_slow` (differentiable, unlike the fused
 /// `rope`), with the tables prepared once per forward instead of per call.
@@ -623,13 +629,11 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
-/// RMSNorm in f32, differentiable (candle's fused rms_norm has no backward).
+/// RMSNorm in f32, differentiable (candle's fused rms_norm has no backward):
+/// one fused pass with a hand-written backward on CPU ([`fused::rms_norm`]),
+/// candle's composite ops elsewhere.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(compute_dtype(dtype))?;
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let x = x.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(x.to_dtype(dtype)?.broadcast_mul(w)?)
+    Ok(fused::rms_norm(x, w, eps)?)
 }
 
 /// f32 for every weight dtype except f64.

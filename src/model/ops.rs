@@ -128,8 +128,10 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Per-position cross-entropy (B, T) in f32 of `logits` against `targets`.
+/// Per-position cross-entropy (B, T) in f32 of `logits` (B, T, V) against
+/// `targets` (B, T): one fused pass over the vocabulary on CPU whose
+/// backward recomputes the softmax from the logits, so no (B, T, V)
+/// log-probability tensor is kept ([`crate::model::fused::cross_entropy`]).
 pub fn token_ce(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logp = log_softmax_last_dim(logits)?;
-    Ok(logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?.neg()?)
+    Ok(crate::model::fused::cross_entropy(logits, targets, None)?)
 }
