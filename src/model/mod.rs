@@ -200,6 +200,25 @@ impl ModelConfig {
 /// Per-layer attention probabilities (B, heads, T, T), f32, handed to an observer.
 pub type AttnObserver<'a> = dyn FnMut(usize, &Tensor) -> Result<()> + 'a;
 
+/// The layout of a packed batch: several examples per row. Each token's
+/// RoPE position restarts at 0 with its example, and attention stays inside
+/// a segment (the example a token belongs to), so a packed row computes
+/// what each of its examples would alone.
+pub struct Packed {
+    /// (B, T) u32: position of each token within its own example.
+    pub positions: Tensor,
+    /// (B, T) u32: segment id of each token (padding forms its own segment).
+    pub segments: Tensor,
+}
+
+/// What every layer of one forward shares: RoPE tables (B or 1, 1, T,
+/// head_dim) and the additive mask ((T, T), or (B, 1, T, T) when packed).
+pub struct Context {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
 struct Attention {
     q: Linear,
     k: Linear,
@@ -431,11 +450,25 @@ impl Model {
         fwd: &mut Fwd,
         observer: Option<&mut AttnObserver>,
     ) -> Result<Tensor> {
-        let h = self.hidden(ids, fwd, observer)?;
-        Ok(self
-            .lm_head
-            .forward(&h, fwd)?
-            .to_dtype(self.compute_dtype())?)
+        self.forward_packed(ids, None, fwd, observer)
+    }
+
+    /// Logits for ids (B, T) laid out as `packed` says (several examples per
+    /// row), or one causal sequence per row when `None` (the fast path: one
+    /// (T, T) mask and one row of RoPE tables broadcast over the batch).
+    pub fn forward_packed(
+        &self,
+        ids: &Tensor,
+        packed: Option<&Packed>,
+        fwd: &mut Fwd,
+        mut observer: Option<&mut AttnObserver>,
+    ) -> Result<Tensor> {
+        let ctx = self.context(ids, packed)?;
+        let mut x = self.embed(ids)?;
+        for l in 0..self.layers.len() {
+            x = self.layer_step(l, &x, &ctx, fwd, observer.as_deref_mut(), None)?;
+        }
+        self.head(&x, fwd)
     }
 
     /// Final normed hidden states (B, T, H).
@@ -443,13 +476,14 @@ impl Model {
         &self,
         ids: &Tensor,
         fwd: &mut Fwd,
-        observer: Option<&mut AttnObserver>,
+        mut observer: Option<&mut AttnObserver>,
     ) -> Result<Tensor> {
-        let t = ids.dim(1)?;
-        let (cos, sin) =
-            self.rope_tables(&Tensor::arange(0u32, t as u32, &self.device)?.unsqueeze(0)?)?;
-        let mask = self.attn_mask(t)?;
-        self.decode(ids, &cos, &sin, &mask, fwd, observer, None)
+        let ctx = self.context(ids, None)?;
+        let mut x = self.embed(ids)?;
+        for l in 0..self.layers.len() {
+            x = self.layer_step(l, &x, &ctx, fwd, observer.as_deref_mut(), None)?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
 
     /// Logits (B, t, vocab) for `ids` (B, t) continuing `cache`: `pos` (B, t)
@@ -464,68 +498,118 @@ impl Model {
     ) -> Result<Tensor> {
         let (cos, sin) = self.rope_tables(pos)?;
         let mask = mask.to_dtype(self.compute_dtype())?;
-        let h = self.decode(
-            ids,
-            &cos,
-            &sin,
-            &mask,
-            &mut Fwd::default(),
-            None,
-            Some(cache),
-        )?;
-        Ok(self
-            .lm_head
-            .forward(&h, &mut Fwd::default())?
-            .to_dtype(self.compute_dtype())?)
+        let ctx = Context { cos, sin, mask };
+        let fwd = &mut Fwd::default();
+        let mut x = self.embed(ids)?;
+        for l in 0..self.layers.len() {
+            x = self.layer_step(l, &x, &ctx, fwd, None, Some(&mut cache.layers[l]))?;
+        }
+        self.head(&x, fwd)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn decode(
-        &self,
-        ids: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        fwd: &mut Fwd,
-        mut observer: Option<&mut AttnObserver>,
-        mut cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    /// Decoder layers (gradient checkpointing walks them one by one).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// RoPE tables and attention mask for ids (B, T), built once per forward
+    /// and shared by every layer.
+    pub fn context(&self, ids: &Tensor, packed: Option<&Packed>) -> Result<Context> {
+        let t = ids.dim(1)?;
+        Ok(match packed {
+            None => {
+                let pos = Tensor::arange(0u32, t as u32, &self.device)?.unsqueeze(0)?;
+                let (cos, sin) = self.rope_tables(&pos)?;
+                let mask = self.attn_mask(t)?;
+                Context { cos, sin, mask }
+            }
+            Some(p) => {
+                let (cos, sin) = self.rope_tables(&p.positions)?;
+                let mask = self.packed_mask(&p.segments)?;
+                Context { cos, sin, mask }
+            }
+        })
+    }
+
+    /// Token embeddings (B, T, H) of ids (B, T): the first layer's input.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
             b,
             t,
             self.cfg.hidden_size,
-        ))?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps)?;
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let (a, probs) = self.attention(&layer.attn, &h, cos, sin, mask, fwd, slot)?;
-            if let Some(obs) = observer.as_deref_mut() {
-                obs(l, &probs)?;
+        ))?)
+    }
+
+    /// Decoder layer `l` on its input `x` (B, T, H): attention then MLP, each
+    /// with a residual add.
+    pub fn layer(&self, l: usize, x: &Tensor, ctx: &Context, fwd: &mut Fwd) -> Result<Tensor> {
+        self.layer_step(l, x, ctx, fwd, None, None)
+    }
+
+    /// Final norm and LM head: logits (B, T, vocab) in the compute dtype from
+    /// the last layer's output.
+    pub fn head(&self, x: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
+        let h = rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(self
+            .lm_head
+            .forward(&h, fwd)?
+            .to_dtype(self.compute_dtype())?)
+    }
+
+    /// Every trainable tensor of the model: base weights (full fine-tuning)
+    /// and LoRA adapters, each once (a tied head is the embedding).
+    pub fn trainable_tensors(&self) -> Vec<Tensor> {
+        let mut out: Vec<Tensor> = self
+            .vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        for layer in &self.layers {
+            for (_, _, lin) in layer.linears() {
+                if let Some(l) = &lin.lora {
+                    out.push(l.a.as_tensor().clone());
+                    out.push(l.b.as_tensor().clone());
+                }
             }
-            x = (x + a)?;
-            let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
-            let m = &layer.mlp;
-            let g = m.gate.forward(&h, fwd)?.silu()?;
-            let u = m.up.forward(&h, fwd)?;
-            x = (x + m.down.forward(&(g * u)?, fwd)?)?;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+        out
+    }
+
+    fn layer_step(
+        &self,
+        l: usize,
+        x: &Tensor,
+        ctx: &Context,
+        fwd: &mut Fwd,
+        observer: Option<&mut AttnObserver>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[l];
+        let h = rms_norm(x, &layer.input_norm, self.cfg.rms_norm_eps)?;
+        let (a, probs) = self.attention(&layer.attn, &h, ctx, fwd, cache)?;
+        if let Some(obs) = observer {
+            obs(l, &probs)?;
+        }
+        let x = (x + a)?;
+        let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
+        let m = &layer.mlp;
+        let g = m.gate.forward(&h, fwd)?.silu()?;
+        let u = m.up.forward(&h, fwd)?;
+        Ok((x + m.down.forward(&(g * u)?, fwd)?)?)
     }
 
     /// Returns the attention output and the probabilities (B, heads, t, keys).
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         a: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        ctx: &Context,
         fwd: &mut Fwd,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<(Tensor, Tensor)> {
         let c = &self.cfg;
+        let (cos, sin, mask) = (&ctx.cos, &ctx.sin, &ctx.mask);
         let (b, t, _) = x.dims3()?;
         let heads = |lin: &Linear, n: usize, fwd: &mut Fwd| -> Result<Tensor> {
             Ok(lin
@@ -594,6 +678,26 @@ impl Model {
             })
             .collect();
         Ok(Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.compute_dtype())?)
+    }
+
+    /// Block-diagonal causal mask (B, 1, T, T) for packed rows: a query sees
+    /// a key only in its own segment (and, for Mistral, within the window),
+    /// so no token attends across examples. Every query sees at least
+    /// itself, so no softmax row is all -inf.
+    fn packed_mask(&self, segments: &Tensor) -> Result<Tensor> {
+        let (b, t) = segments.dims2()?;
+        let same = segments
+            .unsqueeze(2)?
+            .broadcast_eq(&segments.unsqueeze(1)?)?
+            .contiguous()?;
+        let causal = self
+            .attn_mask(t)?
+            .unsqueeze(0)?
+            .broadcast_as((b, t, t))?
+            .contiguous()?;
+        let blocked = Tensor::full(f32::NEG_INFINITY, (b, t, t), &self.device)?
+            .to_dtype(self.compute_dtype())?;
+        Ok(same.where_cond(&causal, &blocked)?.unsqueeze(1)?)
     }
 }
 

@@ -111,8 +111,8 @@ pub fn score_batch(
     let logits = model.forward(
         &batch.input,
         &mut Fwd {
-            rng: None,
             no_adapters: true,
+            ..Default::default()
         },
         Some(&mut observer),
     )?;
