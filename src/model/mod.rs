@@ -13,7 +13,9 @@ pub mod lora;
 pub mod ops;
 
 pub use linear::{Fwd, Linear};
-pub use load::{load_config, load_weights, random_weights, resolve_model_dir, weight_files};
+pub use load::{
+    load_config, load_weights, random_weights, random_weights_on, resolve_model_dir, weight_files,
+};
 
 use crate::error::{Error, Result};
 use crate::model::linear::check_shape;
