@@ -112,7 +112,7 @@ stage build-tests 120 cargo test --release $offline "${features[@]}" --no-run \
 # 2. Model tests on the device, CPU tolerances.
 export XTF_TEST_DEVICE=$device
 stage tests 120 cargo test --release $offline "${features[@]}" \
-  --test parity --test grad --test packing
+  --test parity --test grad --test packing -- --nocapture
 unset XTF_TEST_DEVICE
 grep -E "^test result:|^test .*FAILED|bf16: max" "$log" >"$out/tests.txt"
 
@@ -139,7 +139,13 @@ stage bench-lora-ckpt 120 bench_run bench-lora-ckpt --method lora --checkpointin
 stage bench-full 120 bench_run bench-full --method full
 
 # The summary.
-json() { sed -nE "s/.*\"$2\":([^,}]*).*/\1/p" "$out/$1.json" 2>/dev/null | head -1; }
+# json TAG KEY [PRINTF_FORMAT]: one value of a benchmark's JSON line.
+json() {
+  local v
+  v=$(sed -nE "s/.*\"$2\":([^,}]*).*/\1/p" "$out/$1.json" 2>/dev/null | head -1)
+  [[ $v == null ]] && v=
+  if [[ -n ${3:-} && $v =~ ^[0-9.eE+-]+$ ]]; then printf "$3" "$v"; else echo "${v:-n/a}"; fi
+}
 {
   echo "# gpu_check summary"
   echo
@@ -160,7 +166,8 @@ json() { sed -nE "s/.*\"$2\":([^,}]*).*/\1/p" "$out/$1.json" 2>/dev/null | head 
   echo "## Tiny default, 20 LoRA steps"
   echo
   echo '```'
-  grep -E "memory plan|done:|XTF scor|scored|accuracy" "$log" | sed -E 's/^.*(INFO|WARN) //' | head -8
+  sed -E 's/\x1b\[[0-9;]*m//g' "$log" | grep -E "memory plan|the estimate|free of|scoring pass|done:|task +problems|gsm8k +[0-9]" |
+    sed -E 's/^[0-9TZ:.-]+ +(INFO|WARN) //' | head -12
   echo '```'
   echo
   echo "## Training benchmark (${bench_args[*]})"
@@ -169,7 +176,7 @@ json() { sed -nE "s/.*\"$2\":([^,}]*).*/\1/p" "$out/$1.json" 2>/dev/null | head 
   echo "|---|---|---|---|---|---|---|---|"
   for tag in bench-lora bench-lora-ckpt bench-full; do
     [[ -s "$out/$tag.json" ]] || { echo "| $tag | (no result) | | | | | | |"; continue; }
-    echo "| $tag | $(json $tag tokens_per_s) | $(json $tag step_ms) | $(cat "$out/$tag.peak" 2>/dev/null || echo n/a) | $(json $tag peak_gpu_mib) | $(json $tag estimate_mib) | $(json $tag peak_rss_mib) | $(json $tag mfu) |"
+    echo "| $tag | $(json $tag tokens_per_s %.0f) | $(json $tag step_ms %.1f) | $(cat "$out/$tag.peak" 2>/dev/null || echo n/a) | $(json $tag peak_gpu_mib %.0f) | $(json $tag estimate_mib %.0f) | $(json $tag peak_rss_mib %.0f) | $(json $tag mfu %.3f) |"
   done
   echo
   echo "MFU = (6·N·tokens + 12·L·heads·head_dim·T·tokens) / step time / bf16 peak,"
