@@ -146,3 +146,24 @@ fn params_for(method: Method, b: usize, t: usize) -> PlanParams {
         ..params(method, DType::F32, false)
     }
 }
+
+#[test]
+fn a_run_that_cannot_fit_stops_naming_the_numbers() {
+    let text = "[model]\npath = \"m\"\ndevice = \"cuda\"\n[data]\ntrain = \"t.jsonl\"\nmax_seq_len = 8\n[train]\nmicro_batch_size = 2\n[lora]\nr = 2\n[output]\ndir = \"o\"\n";
+    let cfg = xtf_train::config::Config::parse(text, std::path::Path::new("gpu.toml")).unwrap();
+    let p = PlanParams::from_config(&cfg);
+    let plan = MemoryPlan::estimate(&small_config("llama"), &p);
+    let needed = plan.total() - plan.weights;
+    let fits = |free: u64| xtf_train::train::memory::fits(&cfg, &p, &plan, free, 1 << 30);
+    assert!(fits(needed).is_ok(), "exactly enough free memory must pass");
+    let err = fits(needed - 1).unwrap_err().to_string();
+    for want in [
+        "gpu.toml",
+        "train.micro_batch_size",
+        "2 × 8 tokens",
+        "gradient_checkpointing",
+        "1024 MiB",
+    ] {
+        assert!(err.contains(want), "error lacks {want:?}: {err}");
+    }
+}

@@ -242,44 +242,7 @@ pub fn check(cfg: &Config, m: &ModelConfig, device: &candle_core::Device) -> Res
     let plan = MemoryPlan::estimate(m, &p);
     plan.log(&p);
     match free_memory(device) {
-        Some((free, total)) => {
-            let needed = plan.total() - plan.weights;
-            tracing::info!(
-                "{}: {} free of {}; the run needs about {} more",
-                cfg.model.device,
-                mib(free),
-                mib(total),
-                mib(needed)
-            );
-            if needed > free {
-                return Err(Error::Config {
-                    file: cfg.source.clone(),
-                    key: "train.micro_batch_size".into(),
-                    msg: format!(
-                        "the run needs about {} on {} beyond the loaded weights ({} activations at {} × {} tokens, {} grads, {} AdamW state) but only {} of {} is free; lower train.micro_batch_size or data.max_seq_len, or set train.gradient_checkpointing = true",
-                        mib(needed),
-                        cfg.model.device,
-                        mib(plan.activations),
-                        p.micro_batch,
-                        p.seq_len,
-                        mib(plan.grads),
-                        mib(plan.optimizer),
-                        mib(free),
-                        mib(total)
-                    ),
-                });
-            }
-            // The estimate is what autograd holds; allocator slack and the
-            // backward's transients come on top (on CPU the measured peak
-            // ran 1.6-2.2x the estimate, docs/gpu.md).
-            if 2 * needed > free {
-                tracing::warn!(
-                    "the estimate ({}) is over half of the free {}: the run may still run out of memory; train.gradient_checkpointing = true keeps one layer's activations",
-                    mib(needed),
-                    mib(free)
-                );
-            }
-        }
+        Some((free, total)) => fits(cfg, &p, &plan, free, total)?,
         None if !device.is_cpu() => tracing::info!(
             "free memory of {} is not queried (CUDA only); the estimate is not checked",
             cfg.model.device
@@ -287,6 +250,49 @@ pub fn check(cfg: &Config, m: &ModelConfig, device: &candle_core::Device) -> Res
         None => {}
     }
     Ok(plan)
+}
+
+/// The decision [`check`] takes with the device's `free` / `total` bytes:
+/// an error naming the numbers (and the key to change) when the run cannot
+/// fit, a warning when the estimate is over half of what is free.
+pub fn fits(cfg: &Config, p: &PlanParams, plan: &MemoryPlan, free: u64, total: u64) -> Result<()> {
+    let needed = plan.total() - plan.weights;
+    tracing::info!(
+        "{}: {} free of {}; the run needs about {} more",
+        cfg.model.device,
+        mib(free),
+        mib(total),
+        mib(needed)
+    );
+    if needed > free {
+        return Err(Error::Config {
+            file: cfg.source.clone(),
+            key: "train.micro_batch_size".into(),
+            msg: format!(
+                "the run needs about {} on {} beyond the loaded weights ({} activations at {} × {} tokens, {} grads, {} AdamW state) but only {} of {} is free; lower train.micro_batch_size or data.max_seq_len, or set train.gradient_checkpointing = true",
+                mib(needed),
+                cfg.model.device,
+                mib(plan.activations),
+                p.micro_batch,
+                p.seq_len,
+                mib(plan.grads),
+                mib(plan.optimizer),
+                mib(free),
+                mib(total)
+            ),
+        });
+    }
+    // The estimate is what autograd holds; allocator slack and the
+    // backward's transients come on top (on CPU the measured peak ran
+    // 1.6-2.2x the estimate, docs/gpu.md).
+    if 2 * needed > free {
+        tracing::warn!(
+            "the estimate ({}) is over half of the free {}: the run may still run out of memory; train.gradient_checkpointing = true keeps one layer's activations",
+            mib(needed),
+            mib(free)
+        );
+    }
+    Ok(())
 }
 
 /// (free, total) bytes of a CUDA device, through cudarc's `cuMemGetInfo`.
