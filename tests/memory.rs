@@ -26,6 +26,7 @@ fn params(method: Method, dtype: DType, checkpointing: bool) -> PlanParams {
         seq_len: 8,
         grad_accum: 1,
         checkpointing,
+        fused_softmax: true,
     }
 }
 
@@ -76,6 +77,18 @@ fn activations_match_the_hand_count() {
     // 1,024, one layer 73,088, working 7,680 → 83,840.
     let ck = MemoryPlan::estimate(&m, &params(Method::Lora, DType::F32, true));
     assert_eq!(ck.activations, 83_840);
+    // Off the CPU the composite softmax keeps two more score-sized tensors
+    // per layer (2·512·4 = 4,096) and log-softmax two more logits-sized
+    // ones (2·640·4 = 5,120).
+    let gpu = MemoryPlan::estimate(
+        &m,
+        &PlanParams {
+            fused_softmax: false,
+            ..params(Method::Lora, DType::F32, false)
+        },
+    );
+    assert_eq!(gpu.per_layer, 73_088 + 4_096);
+    assert_eq!(gpu.activations, 163_264 + 2 * 4_096 + 5_120);
 }
 
 /// (storage address, bytes) of a CPU tensor; views share their storage.

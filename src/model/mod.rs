@@ -463,13 +463,10 @@ impl Model {
         ids: &Tensor,
         packed: Option<&Packed>,
         fwd: &mut Fwd,
-        mut observer: Option<&mut AttnObserver>,
+        observer: Option<&mut AttnObserver>,
     ) -> Result<Tensor> {
         let ctx = self.context(ids, packed)?;
-        let mut x = self.embed(ids)?;
-        for l in 0..self.layers.len() {
-            x = self.layer_step(l, &x, &ctx, fwd, observer.as_deref_mut(), None)?;
-        }
+        let x = self.run_layers(ids, &ctx, fwd, observer)?;
         self.head(&x, fwd)
     }
 
@@ -478,14 +475,26 @@ impl Model {
         &self,
         ids: &Tensor,
         fwd: &mut Fwd,
-        mut observer: Option<&mut AttnObserver>,
+        observer: Option<&mut AttnObserver>,
     ) -> Result<Tensor> {
         let ctx = self.context(ids, None)?;
+        let x = self.run_layers(ids, &ctx, fwd, observer)?;
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Embedding and every layer: the last layer's output (B, T, H).
+    fn run_layers(
+        &self,
+        ids: &Tensor,
+        ctx: &Context,
+        fwd: &mut Fwd,
+        mut observer: Option<&mut AttnObserver>,
+    ) -> Result<Tensor> {
         let mut x = self.embed(ids)?;
         for l in 0..self.layers.len() {
-            x = self.layer_step(l, &x, &ctx, fwd, observer.as_deref_mut(), None)?;
+            x = self.layer_step(l, &x, ctx, fwd, observer.as_deref_mut(), None)?;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+        Ok(x)
     }
 
     /// Logits (B, t, vocab) for `ids` (B, t) continuing `cache`: `pos` (B, t)
@@ -578,6 +587,8 @@ impl Model {
         out
     }
 
+    /// One layer, optionally showing its attention probabilities to an
+    /// observer and extending a generation cache.
     fn layer_step(
         &self,
         l: usize,

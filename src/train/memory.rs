@@ -23,7 +23,9 @@
 //!   `2·N·H·e`; SiLU and SiLU·up `2·N·I·e`
 //!
 //! The head: final RMSNorm, logits `N·V·e`, their f32 cast and log-softmax
-//! `N·V·c` each (+ cast). The backward's working set adds about three
+//! `N·V·c` each (+ cast). Off the CPU the softmax and log-softmax are
+//! candle's composite ops (ours are fused on CPU only), which keep two more
+//! tensors each: `+2·B·nh·T²·c` per layer and `+2·N·V·c` at the head. The backward's working set adds about three
 //! gradient buffers of the largest tensor: `3·max(N·V, B·nh·T²)·c`.
 //! With gradient checkpointing only the layer inputs stay (`L·N·H·e`, plus
 //! one f32-or-e copy as the recomputation's `Var`) with one layer's
@@ -50,6 +52,8 @@ pub struct PlanParams {
     pub seq_len: usize,
     pub grad_accum: usize,
     pub checkpointing: bool,
+    /// The fused one-pass softmax / log-softmax (CPU); false elsewhere.
+    pub fused_softmax: bool,
 }
 
 impl PlanParams {
@@ -66,6 +70,8 @@ impl PlanParams {
             seq_len: cfg.data.max_seq_len,
             grad_accum: cfg.train.grad_accum,
             checkpointing: cfg.train.gradient_checkpointing,
+            fused_softmax: crate::config::DeviceSpec::parse(&cfg.model.device)
+                .is_none_or(|d| d == crate::config::DeviceSpec::Cpu),
         }
     }
 }
@@ -160,10 +166,11 @@ impl MemoryPlan {
         let rope = 9 * n * (nh + nkv) * hd * e / 2;
         let gqa = if nkv < nh { 2 * n * nh * hd * e } else { 0 };
         let scores = b * nh * t * t;
-        let attn = scores * (2 * e + 2 * c) + cast(scores * (c + e));
+        let unfused = if p.fused_softmax { 0 } else { 2 * c };
+        let attn = scores * (2 * e + 2 * c + unfused) + cast(scores * (c + e));
         let rest = 2 * n * nh * hd * e + 2 * n * h * e + 2 * n * i * e;
         let per_layer = 2 * norm + linear_acts + heads + rope + gqa + attn + rest;
-        let head = norm + n * v * (e + c) + cast(n * v * c);
+        let head = norm + n * v * (e + c + unfused) + cast(n * v * c);
         let working = 3 * (n * v).max(scores) * c;
         let activations = match p.checkpointing {
             false => n * h * e + layers * per_layer + head + working,
