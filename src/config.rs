@@ -126,6 +126,12 @@ pub struct DataSection {
     pub template: String,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
+    /// Pack each micro-batch's examples first-fit into rows of up to
+    /// `max_seq_len` tokens (positions restart per example, block-diagonal
+    /// causal mask): less padding, same examples, loss and mask per step.
+    /// The XTF scoring pass and eval always run unpacked.
+    #[serde(default)]
+    pub packing: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +192,11 @@ pub struct TrainSection {
     /// Append a metrics line every N optimizer steps.
     #[serde(default = "one")]
     pub log_steps: usize,
+    /// Keep only each decoder layer's input in the forward and recompute the
+    /// layer in backward: activation memory of one layer instead of all, for
+    /// about one more forward per step; gradients are unchanged.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -64,6 +64,9 @@ pub fn run(cfg: &Config, sw: Switches) -> Result<train::TrainReport> {
         eval::check(cfg)?;
     }
     let mut setup = train::setup(cfg)?;
+    // Before the scoring pass and the first step: a run that cannot fit on
+    // the card stops now, naming the numbers.
+    train::memory::check(cfg, &setup.model.cfg, &setup.model.device)?;
     let (xtf_run, mask) = loss_mask(cfg, &mut setup, sw)?;
     let opts = RunOptions {
         quiet: sw.quiet,

@@ -13,7 +13,7 @@ use xtf_train::train::{accumulate, loss_step, masked_ce_sum};
 
 fn batch(ex: &[Example]) -> Batch {
     let refs: Vec<&Example> = ex.iter().collect();
-    make_batch(&refs, None, 0, &candle_core::Device::Cpu).unwrap()
+    make_batch(&refs, None, 0, &device()).unwrap()
 }
 
 fn loss(model: &Model, b: &Batch) -> f64 {
@@ -81,7 +81,7 @@ fn lora_gradient_matches_finite_differences() {
         cfg.clone(),
         w,
         DType::F64,
-        &candle_core::Device::Cpu,
+        &device(),
         Trainable::Frozen,
         std::path::Path::new("m"),
     )
@@ -218,7 +218,7 @@ fn masked_token_target_does_not_change_the_gradient() {
     let grads_for = |ex: &[Example]| {
         let refs: Vec<&Example> = ex.iter().collect();
         let keep = [keep0.as_slice(), keep1.as_slice()];
-        let b = make_batch(&refs, Some(&keep), 0, &candle_core::Device::Cpu).unwrap();
+        let b = make_batch(&refs, Some(&keep), 0, &device()).unwrap();
         let (_, g) = loss_step(&model, &b, b.n_tokens, &mut Fwd::default()).unwrap();
         model
             .vars

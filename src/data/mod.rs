@@ -9,6 +9,7 @@ use crate::config::DataSection;
 use crate::data::formats::{ChatTemplate, DataSource, FormatError, Message, RawRecord};
 use crate::data::tokenizer::Tok;
 use crate::error::{Error, Result};
+use crate::model::Packed;
 use candle_core::{Device, Tensor};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -333,27 +334,138 @@ pub struct Batch {
     pub weights: Tensor,
     /// Sum of `weights`: the unmasked label tokens in this micro-batch.
     pub n_tokens: f64,
+    /// Tokens of each example (not of each row).
     pub lengths: Vec<usize>,
+    /// Where each example sits in the (B, T) grid.
+    pub layout: RowLayout,
+    /// Packed rows: per-token positions and segments for the decoder.
+    pub packed: Option<Packed>,
 }
 
-/// Build a right-padded batch. `weights[i][k]` is the loss weight of label
-/// token `k` of example `i` (1/0 for a keep mask, or a float); `None` = 1 for
-/// every label token.
+/// Where each example of a micro-batch sits: `place[i] = (row, column)` of
+/// its first token, in a grid of `rows` × `len`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowLayout {
+    pub rows: usize,
+    pub len: usize,
+    pub place: Vec<(usize, usize)>,
+    /// More than one example may share a row.
+    pub packed: bool,
+}
+
+impl RowLayout {
+    /// One example per row, right-padded to the longest (or to `len`).
+    pub fn one_per_row(examples: &[&Example], len: Option<usize>) -> Self {
+        let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+        Self {
+            rows: examples.len(),
+            len: len.unwrap_or(longest),
+            place: (0..examples.len()).map(|i| (i, 0)).collect(),
+            packed: false,
+        }
+    }
+
+    /// First fit in the given order: each example goes into the first row
+    /// with room left for all of it, else opens a new row; rows hold at most
+    /// `capacity` tokens (an example longer than that gets a row of its own).
+    /// The grid is as wide as the fullest row.
+    pub fn first_fit(examples: &[&Example], capacity: usize) -> Self {
+        let mut fill: Vec<usize> = Vec::new();
+        let mut place = Vec::with_capacity(examples.len());
+        for e in examples {
+            let n = e.ids.len();
+            match fill.iter().position(|&f| f + n <= capacity) {
+                Some(r) => {
+                    place.push((r, fill[r]));
+                    fill[r] += n;
+                }
+                None => {
+                    place.push((fill.len(), 0));
+                    fill.push(n);
+                }
+            }
+        }
+        Self {
+            rows: fill.len().max(1),
+            len: fill.iter().copied().max().unwrap_or(1),
+            place,
+            packed: true,
+        }
+    }
+
+    /// Per-label-token values laid out like `Batch::targets`: the value of
+    /// label token `k` of example `i` sits at the position that predicts it,
+    /// `label_start + k - 1` from the example's first column; 0 elsewhere.
+    pub fn grid(&self, examples: &[&Example], values: &[&[f32]]) -> Vec<f32> {
+        let mut grid = vec![0f32; self.rows * self.len];
+        for (i, ex) in examples.iter().enumerate() {
+            let (row, col) = self.place[i];
+            let at = row * self.len + col + ex.label_start - 1;
+            for (k, &v) in values[i].iter().take(ex.n_labels()).enumerate() {
+                grid[at + k] = v;
+            }
+        }
+        grid
+    }
+}
+
+/// Build a right-padded batch, one example per row. `weights[i][k]` is the
+/// loss weight of label token `k` of example `i` (1/0 for a keep mask, or a
+/// float); `None` = 1 for every label token.
 pub fn make_batch(
     examples: &[&Example],
     weights: Option<&[&[f32]]>,
     pad: u32,
     device: &Device,
 ) -> Result<Batch> {
-    let b = examples.len();
-    let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    build_batch(
+        examples,
+        weights,
+        pad,
+        device,
+        RowLayout::one_per_row(examples, None),
+    )
+}
+
+/// Build a packed batch (`data.packing`): examples first-fit into rows of at
+/// most `capacity` tokens, in the order given. Labels and weights travel
+/// with their tokens, so the loss, its normaliser and the mask are those of
+/// [`make_batch`]; positions restart at 0 per example and each example
+/// attends only to itself ([`Packed`]).
+pub fn make_packed_batch(
+    examples: &[&Example],
+    weights: Option<&[&[f32]]>,
+    pad: u32,
+    device: &Device,
+    capacity: usize,
+) -> Result<Batch> {
+    let layout = RowLayout::first_fit(examples, capacity);
+    build_batch(examples, weights, pad, device, layout)
+}
+
+fn build_batch(
+    examples: &[&Example],
+    weights: Option<&[&[f32]]>,
+    pad: u32,
+    device: &Device,
+    layout: RowLayout,
+) -> Result<Batch> {
+    let (b, len) = (layout.rows, layout.len);
     let mut input = vec![pad; b * len];
     let mut targets = vec![0u32; b * len];
+    // Padding is one more segment per row, so it never joins an example.
+    let mut segments = vec![u32::MAX; b * len];
+    let mut positions = vec![0u32; b * len];
     for (i, ex) in examples.iter().enumerate() {
-        let row = i * len;
-        input[row..row + ex.ids.len()].copy_from_slice(&ex.ids);
+        let (row, col) = layout.place[i];
+        let at = row * len + col;
+        input[at..at + ex.ids.len()].copy_from_slice(&ex.ids);
         for p in ex.label_start..ex.ids.len() {
-            targets[row + p - 1] = ex.ids[p];
+            targets[at + p - 1] = ex.ids[p];
+        }
+        for p in 0..ex.ids.len() {
+            segments[at + p] = i as u32;
+            positions[at + p] = p as u32;
         }
     }
     let ones: Vec<Vec<f32>>;
@@ -364,25 +476,26 @@ pub fn make_batch(
             ones.iter().map(Vec::as_slice).collect()
         }
     };
-    let grid = label_grid(examples, &w, len);
+    let grid = layout.grid(examples, &w);
+    let packed = match layout.packed {
+        false => None,
+        true => Some(Packed {
+            positions: Tensor::from_vec(positions, (b, len), device)?,
+            segments: Tensor::from_vec(segments, (b, len), device)?,
+        }),
+    };
     Ok(Batch {
         input: Tensor::from_vec(input, (b, len), device)?,
         targets: Tensor::from_vec(targets, (b, len), device)?,
         n_tokens: grid.iter().map(|&x| x as f64).sum(),
         weights: Tensor::from_vec(grid, (b, len), device)?,
         lengths: examples.iter().map(|e| e.ids.len()).collect(),
+        layout,
+        packed,
     })
 }
 
-/// Per-label-token values laid out like `Batch::targets` (B × `len`): the
-/// value of label token `k` of example `i` sits at position
-/// `label_start + k - 1`, the position that predicts it; 0 elsewhere.
+/// [`RowLayout::grid`] for one example per row, `len` wide.
 pub fn label_grid(examples: &[&Example], values: &[&[f32]], len: usize) -> Vec<f32> {
-    let mut grid = vec![0f32; examples.len() * len];
-    for (i, ex) in examples.iter().enumerate() {
-        for (k, &v) in values[i].iter().take(ex.n_labels()).enumerate() {
-            grid[i * len + ex.label_start + k - 1] = v;
-        }
-    }
-    grid
+    RowLayout::one_per_row(examples, Some(len)).grid(examples, values)
 }

@@ -839,7 +839,7 @@ pub struct AttnMask {
     /// Keys after the query's position are masked.
     pub causal: bool,
     /// Keys `window` or more positions before the query are masked
-    /// (Mistral's sliding window; same rule as the project's `attn_mask`).
+    /// (Mistral's sliding window, as `Model::causal_mask` sets it).
     pub window: Option<usize>,
     /// Per batch element, the first visible key: keys before it are masked
     /// (left padding). Length B when set.

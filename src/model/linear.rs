@@ -132,6 +132,10 @@ pub struct Fwd<'a> {
     pub rng: Option<&'a mut ChaCha8Rng>,
     /// `true` bypasses every adapter: the base model, as the XTF scoring pass needs.
     pub no_adapters: bool,
+    /// Gradient checkpointing (`train.gradient_checkpointing`): keep only
+    /// each layer's input and recompute the layer in backward. Only
+    /// [`crate::train::loss_step`] reads it; a plain forward ignores it.
+    pub checkpoint: bool,
 }
 
 /// A linear layer; `frozen` weights take the gradient-free path.

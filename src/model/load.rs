@@ -147,6 +147,39 @@ pub fn resolve_model_dir(path: &str, revision: Option<&str>, dtype: DType) -> Re
 pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let normal = Normal::new(0.0f32, 0.02).map_err(|e| Error::Msg(e.to_string()))?;
+    let mut out = HashMap::new();
+    for (name, shape) in weight_shapes(cfg) {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if shape.len() == 1 {
+            vec![1.0; n]
+        } else {
+            (0..n).map(|_| normal.sample(&mut rng)).collect()
+        };
+        out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+/// The same initialisation drawn on `device` by its own generator (fast
+/// for billion-parameter benchmarks on a GPU; not bit-reproducible across
+/// devices, unlike [`random_weights`]).
+pub fn random_weights_on(cfg: &ModelConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if device.is_cpu() {
+        return random_weights(cfg, 0);
+    }
+    let mut out = HashMap::new();
+    for (name, shape) in weight_shapes(cfg) {
+        let t = match shape.len() {
+            1 => Tensor::ones(shape, candle_core::DType::F32, device)?,
+            _ => Tensor::randn(0f32, 0.02, shape, device)?,
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Every base weight's HF name and shape (biases excluded).
+fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, hd, v) = (
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -177,17 +210,7 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Te
             shapes.push((format!("{p}.{n}"), s));
         }
     }
-    let mut out = HashMap::new();
-    for (name, shape) in shapes {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = if shape.len() == 1 {
-            vec![1.0; n]
-        } else {
-            (0..n).map(|_| normal.sample(&mut rng)).collect()
-        };
-        out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
-    }
-    Ok(out)
+    shapes
 }
 
 /// Where converted GGUF checkpoints live: `$XTF_CACHE/gguf`, else

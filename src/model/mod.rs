@@ -15,7 +15,9 @@ pub mod lora;
 pub mod ops;
 
 pub use linear::{Fwd, Linear};
-pub use load::{load_config, load_weights, random_weights, resolve_model_dir, weight_files};
+pub use load::{
+    load_config, load_weights, random_weights, random_weights_on, resolve_model_dir, weight_files,
+};
 
 use crate::error::{Error, Result};
 use crate::model::fused::AttnMask;
@@ -202,6 +204,28 @@ impl ModelConfig {
 
 /// Per-layer attention probabilities (B, heads, T, T), f32, handed to an observer.
 pub type AttnObserver<'a> = dyn FnMut(usize, &Tensor) -> Result<()> + 'a;
+
+/// The layout of a packed batch: several examples per row. Each token's
+/// RoPE position restarts at 0 with its example, and attention stays inside
+/// a segment (the example a token belongs to), so a packed row computes
+/// what each of its examples would alone.
+pub struct Packed {
+    /// (B, T) u32: position of each token within its own example.
+    pub positions: Tensor,
+    /// (B, T) u32: segment id of each token (padding forms its own segment).
+    pub segments: Tensor,
+}
+
+/// What every layer of one forward shares: RoPE tables (B or 1, 1, T,
+/// head_dim), the masks computed inside the softmax kernel (causal, sliding
+/// window) and an optional additive mask: block-diagonal (B, 1, T, T) when
+/// packed, the caller's (B, 1, t, keys) in generation.
+pub struct Context {
+    cos: Tensor,
+    sin: Tensor,
+    mask: AttnMask,
+    additive: Option<Tensor>,
+}
 
 struct Attention {
     q: Linear,
@@ -434,11 +458,22 @@ impl Model {
         fwd: &mut Fwd,
         observer: Option<&mut AttnObserver>,
     ) -> Result<Tensor> {
-        let h = self.hidden(ids, fwd, observer)?;
-        Ok(self
-            .lm_head
-            .forward(&h, fwd)?
-            .to_dtype(self.compute_dtype())?)
+        self.forward_packed(ids, None, fwd, observer)
+    }
+
+    /// Logits for ids (B, T) laid out as `packed` says (several examples per
+    /// row), or one causal sequence per row when `None` (the fast path: one
+    /// (T, T) mask and one row of RoPE tables broadcast over the batch).
+    pub fn forward_packed(
+        &self,
+        ids: &Tensor,
+        packed: Option<&Packed>,
+        fwd: &mut Fwd,
+        observer: Option<&mut AttnObserver>,
+    ) -> Result<Tensor> {
+        let ctx = self.context(ids, packed)?;
+        let x = self.run_layers(ids, &ctx, fwd, observer)?;
+        self.head(&x, fwd)
     }
 
     /// Final normed hidden states (B, T, H).
@@ -448,10 +483,24 @@ impl Model {
         fwd: &mut Fwd,
         observer: Option<&mut AttnObserver>,
     ) -> Result<Tensor> {
-        let t = ids.dim(1)?;
-        let (cos, sin) =
-            self.rope_tables(&Tensor::arange(0u32, t as u32, &self.device)?.unsqueeze(0)?)?;
-        self.decode(ids, &cos, &sin, Mask::Causal, fwd, observer, None)
+        let ctx = self.context(ids, None)?;
+        let x = self.run_layers(ids, &ctx, fwd, observer)?;
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Embedding and every layer: the last layer's output (B, T, H).
+    fn run_layers(
+        &self,
+        ids: &Tensor,
+        ctx: &Context,
+        fwd: &mut Fwd,
+        mut observer: Option<&mut AttnObserver>,
+    ) -> Result<Tensor> {
+        let mut x = self.embed(ids)?;
+        for l in 0..self.layers.len() {
+            x = self.layer_step(l, &x, ctx, fwd, observer.as_deref_mut(), None)?;
+        }
+        Ok(x)
     }
 
     /// Logits (B, t, vocab) for `ids` (B, t) continuing `cache`: `pos` (B, t)
@@ -465,69 +514,133 @@ impl Model {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rope_tables(pos)?;
-        let mask = mask.to_dtype(self.compute_dtype())?;
-        let h = self.decode(
-            ids,
-            &cos,
-            &sin,
-            Mask::Additive(&mask),
-            &mut Fwd::default(),
-            None,
-            Some(cache),
-        )?;
-        Ok(self
-            .lm_head
-            .forward(&h, &mut Fwd::default())?
-            .to_dtype(self.compute_dtype())?)
+        let ctx = Context {
+            cos,
+            sin,
+            mask: AttnMask::default(),
+            additive: Some(mask.to_dtype(self.compute_dtype())?),
+        };
+        let fwd = &mut Fwd::default();
+        let mut x = self.embed(ids)?;
+        for l in 0..self.layers.len() {
+            x = self.layer_step(l, &x, &ctx, fwd, None, Some(&mut cache.layers[l]))?;
+        }
+        self.head(&x, fwd)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn decode(
-        &self,
-        ids: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Mask,
-        fwd: &mut Fwd,
-        mut observer: Option<&mut AttnObserver>,
-        mut cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    /// Decoder layers (gradient checkpointing walks them one by one).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// RoPE tables and attention mask for ids (B, T), built once per forward
+    /// and shared by every layer.
+    pub fn context(&self, ids: &Tensor, packed: Option<&Packed>) -> Result<Context> {
+        let t = ids.dim(1)?;
+        Ok(match packed {
+            None => {
+                let pos = Tensor::arange(0u32, t as u32, &self.device)?.unsqueeze(0)?;
+                let (cos, sin) = self.rope_tables(&pos)?;
+                Context {
+                    cos,
+                    sin,
+                    mask: self.causal_mask(),
+                    additive: None,
+                }
+            }
+            Some(p) => {
+                let (cos, sin) = self.rope_tables(&p.positions)?;
+                Context {
+                    cos,
+                    sin,
+                    mask: self.causal_mask(),
+                    additive: Some(self.segment_mask(&p.segments)?),
+                }
+            }
+        })
+    }
+
+    /// Token embeddings (B, T, H) of ids (B, T): the first layer's input.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
             b,
             t,
             self.cfg.hidden_size,
-        ))?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps)?;
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let (a, probs) = self.attention(&layer.attn, &h, cos, sin, mask, fwd, slot)?;
-            if let Some(obs) = observer.as_deref_mut() {
-                obs(l, &probs)?;
+        ))?)
+    }
+
+    /// Decoder layer `l` on its input `x` (B, T, H): attention then MLP, each
+    /// with a residual add.
+    pub fn layer(&self, l: usize, x: &Tensor, ctx: &Context, fwd: &mut Fwd) -> Result<Tensor> {
+        self.layer_step(l, x, ctx, fwd, None, None)
+    }
+
+    /// Final norm and LM head: logits (B, T, vocab) in the compute dtype from
+    /// the last layer's output.
+    pub fn head(&self, x: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
+        let h = rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(self
+            .lm_head
+            .forward(&h, fwd)?
+            .to_dtype(self.compute_dtype())?)
+    }
+
+    /// Every trainable tensor of the model: base weights (full fine-tuning)
+    /// and LoRA adapters, each once (a tied head is the embedding).
+    pub fn trainable_tensors(&self) -> Vec<Tensor> {
+        let mut out: Vec<Tensor> = self
+            .vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        for layer in &self.layers {
+            for (_, _, lin) in layer.linears() {
+                if let Some(l) = &lin.lora {
+                    out.push(l.a.as_tensor().clone());
+                    out.push(l.b.as_tensor().clone());
+                }
             }
-            x = (x + a)?;
-            let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
-            let m = &layer.mlp;
-            let g = m.gate.forward(&h, fwd)?;
-            let u = m.up.forward(&h, fwd)?;
-            x = (x + m.down.forward(&fused::swiglu(&g, &u)?, fwd)?)?;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+        out
+    }
+
+    /// One layer, optionally showing its attention probabilities to an
+    /// observer and extending a generation cache.
+    fn layer_step(
+        &self,
+        l: usize,
+        x: &Tensor,
+        ctx: &Context,
+        fwd: &mut Fwd,
+        observer: Option<&mut AttnObserver>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[l];
+        let h = rms_norm(x, &layer.input_norm, self.cfg.rms_norm_eps)?;
+        let (a, probs) = self.attention(&layer.attn, &h, ctx, fwd, cache)?;
+        if let Some(obs) = observer {
+            obs(l, &probs)?;
+        }
+        let x = (x + a)?;
+        let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
+        let m = &layer.mlp;
+        let g = m.gate.forward(&h, fwd)?;
+        let u = m.up.forward(&h, fwd)?;
+        Ok((x + m.down.forward(&fused::swiglu(&g, &u)?, fwd)?)?)
     }
 
     /// Returns the attention output and the probabilities (B, heads, t, keys).
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         a: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Mask,
+        ctx: &Context,
         fwd: &mut Fwd,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<(Tensor, Tensor)> {
         let c = &self.cfg;
+        let (cos, sin) = (&ctx.cos, &ctx.sin);
         let (b, t, _) = x.dims3()?;
         let heads = |lin: &Linear, n: usize, fwd: &mut Fwd| -> Result<Tensor> {
             Ok(lin
@@ -554,12 +667,7 @@ impl Model {
         // Scale, mask and softmax in one pass, in f32 as transformers' eager
         // attention does (fused::attn_softmax; composite ops off the CPU).
         let scores = q.matmul(&k.t()?)?;
-        let probs = match mask {
-            Mask::Causal => fused::attn_softmax(&scores, scale, &self.causal_mask(), None)?,
-            Mask::Additive(m) => {
-                fused::attn_softmax(&scores, scale, &AttnMask::default(), Some(m))?
-            }
-        };
+        let probs = fused::attn_softmax(&scores, scale, &ctx.mask, ctx.additive.as_ref())?;
         let y = probs.to_dtype(self.dtype)?.matmul(&v)?;
         let y = y
             .transpose(1, 2)?
@@ -594,6 +702,22 @@ impl Model {
             key_start: None,
         }
     }
+
+    /// Additive (B, 1, T, T) mask for packed rows, 0 within a segment and
+    /// -inf across: with the in-kernel causal mask, a query sees a key only
+    /// in its own example, so no token attends across examples. Every query
+    /// sees at least itself, so no softmax row is all -inf.
+    fn segment_mask(&self, segments: &Tensor) -> Result<Tensor> {
+        let (b, t) = segments.dims2()?;
+        let same = segments
+            .unsqueeze(2)?
+            .broadcast_eq(&segments.unsqueeze(1)?)?
+            .contiguous()?;
+        let open = Tensor::zeros((b, t, t), self.compute_dtype(), &self.device)?;
+        let blocked = Tensor::full(f32::NEG_INFINITY, (b, t, t), &self.device)?
+            .to_dtype(self.compute_dtype())?;
+        Ok(same.where_cond(&open, &blocked)?.unsqueeze(1)?)
+    }
 }
 
 impl Layer {
@@ -608,14 +732,6 @@ impl Layer {
             ("mlp", "down_proj", &self.mlp.down),
         ]
     }
-}
-
-/// How attention is masked: causal (plus the sliding window) in-kernel, or
-/// an explicit additive (B, 1, t, keys) mask (generation with a KV cache).
-#[derive(Clone, Copy)]
-enum Mask<'a> {
-    Causal,
-    Additive(&'a Tensor),
 }
 
 /// Rotary embedding, non-interleaved (HF `rotate_half`): `x cos + rot(x) sin`.

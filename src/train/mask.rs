@@ -163,8 +163,8 @@ pub fn token_losses(
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = data::make_batch(&refs, None, pad, &model.device)?;
         let mut fwd = Fwd {
-            rng: None,
             no_adapters,
+            ..Default::default()
         };
         let logits = model.forward(&batch.input, &mut fwd, None)?.detach();
         let ce = token_ce(&logits, &batch.targets)?

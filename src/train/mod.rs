@@ -6,8 +6,10 @@
 
 pub mod checkpoint;
 pub mod mask;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
+pub mod recompute;
 pub mod setup;
 
 pub use mask::LossMask;
@@ -20,6 +22,7 @@ use crate::model::Model;
 use crate::model::{lora, Fwd};
 use crate::train::metrics::{Metrics, StepMetrics};
 use crate::train::optim::{lr_at, AdamW, AdamWParams};
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -41,10 +44,10 @@ pub fn loss_step(
     batch: &Batch,
     norm: f64,
     fwd: &mut Fwd,
-) -> Result<(f64, candle_core::backprop::GradStore)> {
-    let logits = model.forward(&batch.input, fwd, None)?;
-    let loss = (masked_ce_sum(&logits, batch)? / norm)?;
-    let grads = loss.backward()?;
+) -> Result<(f64, GradStore)> {
+    let (loss, grads) = backward(model, batch, fwd, |logits| {
+        Ok((masked_ce_sum(logits, batch)? / norm)?)
+    })?;
     Ok((crate::io::scalar_f64(&loss)?, grads))
 }
 
@@ -59,23 +62,42 @@ pub fn slm_loss_step(
     n_keep: usize,
     norm: f64,
     fwd: &mut Fwd,
-) -> Result<(f64, candle_core::backprop::GradStore)> {
-    let logits = model.forward(&batch.input, fwd, None)?;
-    let ce = crate::model::ops::token_ce(&logits, &batch.targets)?;
-    let excess = (ce.detach() - ref_loss)?.flatten_all()?.to_vec1::<f32>()?;
-    let labels = batch.weights.flatten_all()?.to_vec1::<f32>()?;
-    let keep = crate::train::mask::slm_select(&excess, &labels, n_keep);
-    let w = Tensor::from_vec(keep, batch.weights.shape(), &model.device)?;
-    let loss = ((ce * w)?.sum_all()? / norm)?;
-    let grads = loss.backward()?;
+) -> Result<(f64, GradStore)> {
+    let (loss, grads) = backward(model, batch, fwd, |logits| {
+        let ce = crate::model::ops::token_ce(logits, &batch.targets)?;
+        let excess = (ce.detach() - ref_loss)?.flatten_all()?.to_vec1::<f32>()?;
+        let labels = batch.weights.flatten_all()?.to_vec1::<f32>()?;
+        let keep = crate::train::mask::slm_select(&excess, &labels, n_keep);
+        let w = Tensor::from_vec(keep, batch.weights.shape(), &model.device)?;
+        Ok(((ce * w)?.sum_all()? / norm)?)
+    })?;
     Ok((crate::io::scalar_f64(&loss)?, grads))
+}
+
+/// The one place that chooses how the backward runs: through the whole
+/// graph at once, or layer by layer with recomputation (`fwd.checkpoint`,
+/// same gradients, activations of one layer instead of all).
+fn backward(
+    model: &Model,
+    batch: &Batch,
+    fwd: &mut Fwd,
+    loss: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, GradStore)> {
+    let packed = batch.packed.as_ref();
+    if fwd.checkpoint {
+        return recompute::backward_checkpointed(model, &batch.input, packed, fwd, loss);
+    }
+    let logits = model.forward_packed(&batch.input, packed, fwd, None)?;
+    let loss = loss(&logits)?;
+    let grads = loss.backward()?;
+    Ok((loss, grads))
 }
 
 /// Add this micro-batch's gradients into the step's accumulators.
 pub fn accumulate(
     acc: &mut [Option<Tensor>],
     vars: &[(String, Var)],
-    grads: &candle_core::backprop::GradStore,
+    grads: &GradStore,
 ) -> Result<()> {
     for (slot, (_, var)) in acc.iter_mut().zip(vars) {
         if let Some(g) = grads.get(var.as_tensor()) {
@@ -159,6 +181,8 @@ pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> R
     let t = &cfg.train;
     let mut opt = AdamW::new(s.vars.clone(), AdamWParams::from(t))?;
     let plan = Plan::new(s.train.len(), t);
+    // data.packing: rows of up to max_seq_len tokens, several examples each.
+    let packing = cfg.data.packing.then_some(cfg.data.max_seq_len);
     let mut log = RunLog::open(cfg, s, &mut opt, plan.steps, run)?;
     for step in log.start..plan.steps {
         let started = Instant::now();
@@ -167,7 +191,7 @@ pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> R
         let batches = plan
             .step(step)
             .iter()
-            .map(|idx| micro_batch(s, idx, mask))
+            .map(|idx| micro_batch(s, idx, mask, packing))
             .collect::<Result<Vec<_>>>()?;
         let n_tok: f64 = batches
             .iter()
@@ -185,6 +209,7 @@ pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> R
             let mut fwd = Fwd {
                 rng: Some(&mut log.rng),
                 no_adapters: false,
+                checkpoint: t.gradient_checkpointing,
             };
             let (l, grads) = match slm {
                 None => loss_step(&s.model, b, n_tok, &mut fwd)?,
@@ -380,27 +405,33 @@ impl RunLog {
     }
 }
 
-/// One micro-batch of training examples `idx` with its loss weights; for SLM
-/// also the reference losses laid out like the targets and how many tokens
-/// to keep (the step's loss normaliser is known before any forward).
+/// One micro-batch of training examples `idx` with its loss weights (packed
+/// into rows of `packing` tokens when set); for SLM also the reference
+/// losses laid out like the targets and how many tokens to keep (the step's
+/// loss normaliser is known before any forward).
 fn micro_batch(
     s: &Setup,
     idx: &[usize],
     mask: &LossMask,
+    packing: Option<usize>,
 ) -> Result<(Batch, Option<(Tensor, usize)>)> {
     let ex: Vec<&Example> = idx.iter().map(|&i| &s.train[i]).collect();
     let dev = &s.model.device;
+    let make = |w: Option<&[&[f32]]>| match packing {
+        Some(cap) => data::make_packed_batch(&ex, w, s.tok.pad, dev, cap),
+        None => data::make_batch(&ex, w, s.tok.pad, dev),
+    };
     match mask {
-        LossMask::All => Ok((data::make_batch(&ex, None, s.tok.pad, dev)?, None)),
+        LossMask::All => Ok((make(None)?, None)),
         LossMask::Weights(w) => {
             let w: Vec<&[f32]> = idx.iter().map(|&i| w[i].as_slice()).collect();
-            Ok((data::make_batch(&ex, Some(&w), s.tok.pad, dev)?, None))
+            Ok((make(Some(&w))?, None))
         }
         LossMask::Slm { ref_loss, keep } => {
-            let b = data::make_batch(&ex, None, s.tok.pad, dev)?;
+            let b = make(None)?;
             let r: Vec<&[f32]> = idx.iter().map(|&i| ref_loss[i].as_slice()).collect();
-            let len = b.input.dim(1)?;
-            let grid = Tensor::from_vec(data::label_grid(&ex, &r, len), (ex.len(), len), dev)?;
+            let shape = (b.layout.rows, b.layout.len);
+            let grid = Tensor::from_vec(b.layout.grid(&ex, &r), shape, dev)?;
             let n_keep = crate::train::mask::slm_count(b.n_tokens as usize, *keep);
             Ok((b, Some((grid, n_keep))))
         }

@@ -194,8 +194,8 @@ pub fn token_vectors(model: &Model, ids: &[u32], embedding: TrEmbedding) -> Resu
 /// The base model: no adapters, no dropout.
 fn base_fwd() -> Fwd<'static> {
     Fwd {
-        rng: None,
         no_adapters: true,
+        ..Default::default()
     }
 }
 

@@ -8,6 +8,19 @@ use std::path::{Path, PathBuf};
 use xtf_train::data::Example;
 use xtf_train::model::{Model, ModelConfig, Trainable};
 
+/// The device model tests run on: `XTF_TEST_DEVICE` (cpu | cuda | cuda:N |
+/// metal; default cpu), so `scripts/gpu_check.sh` runs the same tests on a
+/// GPU build with the same tolerances.
+pub fn device() -> Device {
+    match std::env::var("XTF_TEST_DEVICE") {
+        Ok(s) if !s.is_empty() => xtf_train::config::DeviceSpec::parse(&s)
+            .unwrap_or_else(|| panic!("XTF_TEST_DEVICE={s:?}: expected cpu, cuda, cuda:N or metal"))
+            .device()
+            .unwrap_or_else(|e| panic!("XTF_TEST_DEVICE={s:?}: {e}")),
+        _ => Device::Cpu,
+    }
+}
+
 /// A small config of the given family, with GQA and a head_dim that differs
 /// from hidden/heads so shape bugs cannot hide.
 pub fn small_config(family: &str) -> ModelConfig {
@@ -54,15 +67,7 @@ pub fn random_model(cfg: &ModelConfig, dtype: DType, mode: Trainable, seed: u64)
             }
         }
     }
-    Model::from_tensors(
-        cfg.clone(),
-        w,
-        dtype,
-        &Device::Cpu,
-        mode,
-        Path::new("random"),
-    )
-    .expect("model")
+    Model::from_tensors(cfg.clone(), w, dtype, &device(), mode, Path::new("random")).expect("model")
 }
 
 /// Examples of different lengths and label starts (so micro-batches differ in
@@ -107,13 +112,8 @@ pub fn fixture(family: &str) -> std::path::PathBuf {
 
 /// A fixture checkpoint loaded frozen in f32, and HF's saved outputs for it.
 pub fn fixture_model(family: &str) -> (Model, std::collections::HashMap<String, Tensor>) {
-    let model = Model::load(
-        &fixture(family),
-        DType::F32,
-        &Device::Cpu,
-        Trainable::Frozen,
-    )
-    .expect("fixture model");
+    let model = Model::load(&fixture(family), DType::F32, &device(), Trainable::Frozen)
+        .expect("fixture model");
     let r =
         candle_core::safetensors::load(fixture(family).join("reference.safetensors"), &Device::Cpu)
             .expect("fixture reference");

@@ -1,0 +1,322 @@
+//! The memory plan: what a training run will hold at its peak, estimated
+//! from the model config before any step, logged, and on CUDA checked
+//! against the card's free memory so a run that cannot fit stops at once
+//! with the numbers instead of failing mid-step.
+//!
+//! The activation formula counts what *this* decoder keeps alive: candle's
+//! autograd holds every tracked intermediate until `backward()` returns (no
+//! saved-tensor selection as in PyTorch), so each op's output is counted;
+//! views (reshape, narrow, transpose, broadcast) are free. With N = B·T
+//! tokens, e the weight dtype's bytes, c = 4 (f32 compute), and `cast(x)` =
+//! x when e ≠ c else 0 (a same-dtype cast is no copy), per layer:
+//!
+//! - RMSNorm, twice: `N·H·(2c + e) + cast(N·H·(c + e)) + 3·N·c`
+//! - q/k/v/o, gate/up/down: the product `N·out·e` (+ bias `N·out·e`); with
+//!   a LoRA adapter also `N·r·c + 2·N·out·c + N·out·e + cast(N·in·c + N·out·e)`
+//!   and, with dropout, `2·N·in·c` (mask and product)
+//! - heads made contiguous: `N·(nh + 2·nkv)·hd·e`; RoPE on q and k:
+//!   `4.5·N·(nh + nkv)·hd·e`; GQA's repeated k and v: `2·N·nh·hd·e` (when
+//!   nkv < nh)
+//! - attention scores and probabilities: `B·nh·T²·(2e + 2c) + cast(B·nh·T²·(c + e))`
+//!   (q·kᵀ, ×scale, +mask, softmax, and their casts)
+//! - attention output and its re-layout `2·N·nh·hd·e`; two residual adds
+//!   `2·N·H·e`; SiLU and SiLU·up `2·N·I·e`
+//!
+//! The head: final RMSNorm, logits `N·V·e`, their f32 cast and log-softmax
+//! `N·V·c` each (+ cast). Off the CPU the softmax and log-softmax are
+//! candle's composite ops (ours are fused on CPU only), which keep two more
+//! tensors each: `+2·B·nh·T²·c` per layer and `+2·N·V·c` at the head. The backward's working set adds about three
+//! gradient buffers of the largest tensor: `3·max(N·V, B·nh·T²)·c`.
+//! With gradient checkpointing only the layer inputs stay (`L·N·H·e`, plus
+//! one f32-or-e copy as the recomputation's `Var`) with one layer's
+//! activations (or the head's, whichever is larger) at a time.
+//!
+//! Optimizer side: gradients in the parameter dtype (twice with gradient
+//! accumulation: the step's sum and the micro-batch's), AdamW moments in
+//! f32 (8 bytes/param) and an f32 master copy for bf16/f16 parameters.
+
+use crate::config::{Config, Method};
+use crate::error::{Error, Result};
+use crate::model::ModelConfig;
+use candle_core::DType;
+
+/// What the estimate depends on besides the model config.
+#[derive(Debug, Clone)]
+pub struct PlanParams {
+    pub dtype: DType,
+    pub method: Method,
+    pub lora_r: usize,
+    pub lora_targets: Vec<String>,
+    pub lora_dropout: bool,
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    pub grad_accum: usize,
+    pub checkpointing: bool,
+    /// The fused one-pass softmax / log-softmax (CPU); false elsewhere.
+    pub fused_softmax: bool,
+}
+
+impl PlanParams {
+    /// The training run a config describes, at its longest rows
+    /// (`data.max_seq_len`).
+    pub fn from_config(cfg: &Config) -> Self {
+        Self {
+            dtype: cfg.model.dtype.dtype(),
+            method: cfg.train.method,
+            lora_r: cfg.lora.r,
+            lora_targets: cfg.lora.target_modules.clone(),
+            lora_dropout: cfg.lora.dropout > 0.0,
+            micro_batch: cfg.train.micro_batch_size,
+            seq_len: cfg.data.max_seq_len,
+            grad_accum: cfg.train.grad_accum,
+            checkpointing: cfg.train.gradient_checkpointing,
+            fused_softmax: crate::config::DeviceSpec::parse(&cfg.model.device)
+                .is_none_or(|d| d == crate::config::DeviceSpec::Cpu),
+        }
+    }
+}
+
+/// Estimated peak bytes of a training run, by what holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryPlan {
+    /// Every base weight in the weight dtype.
+    pub weights: u64,
+    pub trainable_params: u64,
+    /// Gradients (and the accumulation buffer with grad_accum > 1).
+    pub grads: u64,
+    /// AdamW moments and f32 master copies.
+    pub optimizer: u64,
+    /// One decoder layer's kept activations.
+    pub per_layer: u64,
+    /// Everything the forward keeps until backward, plus the backward's
+    /// working set.
+    pub activations: u64,
+}
+
+impl MemoryPlan {
+    pub fn total(&self) -> u64 {
+        self.weights + self.grads + self.optimizer + self.activations
+    }
+
+    /// The estimate for model `m` trained as `p` says (formula: module doc).
+    pub fn estimate(m: &ModelConfig, p: &PlanParams) -> Self {
+        let e = p.dtype.size_in_bytes() as u64;
+        let (h, i, v) = (
+            m.hidden_size as u64,
+            m.intermediate_size as u64,
+            m.vocab_size as u64,
+        );
+        let (nh, nkv, hd) = (m.num_heads as u64, m.num_kv_heads as u64, m.head_dim as u64);
+        let layers = m.num_layers as u64;
+        let linears = linear_shapes(m);
+        let per_layer_weights: u64 = linears
+            .iter()
+            .map(|l| l.inp * l.out + if l.bias { l.out } else { 0 })
+            .sum::<u64>()
+            + 2 * h;
+        let n_weights =
+            v * h * (1 + !m.tie_word_embeddings as u64) + h + layers * per_layer_weights;
+        let lora =
+            |name: &str| p.method == Method::Lora && p.lora_targets.iter().any(|t| t == name);
+        let r = p.lora_r as u64;
+        let trainable = match p.method {
+            Method::Full => n_weights,
+            Method::Lora => {
+                layers
+                    * linears
+                        .iter()
+                        .filter(|l| lora(l.name))
+                        .map(|l| r * (l.inp + l.out))
+                        .sum::<u64>()
+            }
+        };
+        // LoRA parameters are f32; full fine-tuning trains the weights as stored.
+        let grad_bytes = if p.method == Method::Lora { 4 } else { e };
+        let grads = trainable * grad_bytes * if p.grad_accum > 1 { 2 } else { 1 };
+        let master = if p.method == Method::Full && e < 4 {
+            4
+        } else {
+            0
+        };
+        let optimizer = trainable * (8 + master);
+
+        let c = 4u64;
+        let cast = |x: u64| if e == c { 0 } else { x };
+        let (b, t) = (p.micro_batch as u64, p.seq_len as u64);
+        let n = b * t;
+        let norm = n * h * (2 * c + e) + cast(n * h * (c + e)) + 3 * n * c;
+        let linear_acts: u64 = linears
+            .iter()
+            .map(|l| {
+                let base = n * l.out * e * if l.bias { 2 } else { 1 };
+                let adapter = match lora(l.name) {
+                    false => 0,
+                    true => {
+                        n * r * c
+                            + 2 * n * l.out * c
+                            + n * l.out * e
+                            + cast(n * l.inp * c + n * l.out * e)
+                            + if p.lora_dropout { 2 * n * l.inp * c } else { 0 }
+                    }
+                };
+                base + adapter
+            })
+            .sum();
+        let heads = n * (nh + 2 * nkv) * hd * e;
+        let rope = 9 * n * (nh + nkv) * hd * e / 2;
+        let gqa = if nkv < nh { 2 * n * nh * hd * e } else { 0 };
+        let scores = b * nh * t * t;
+        let unfused = if p.fused_softmax { 0 } else { 2 * c };
+        let attn = scores * (2 * e + 2 * c + unfused) + cast(scores * (c + e));
+        let rest = 2 * n * nh * hd * e + 2 * n * h * e + 2 * n * i * e;
+        let per_layer = 2 * norm + linear_acts + heads + rope + gqa + attn + rest;
+        let head = norm + n * v * (e + c + unfused) + cast(n * v * c);
+        let working = 3 * (n * v).max(scores) * c;
+        let activations = match p.checkpointing {
+            false => n * h * e + layers * per_layer + head + working,
+            true => layers * n * h * e + n * h * c + per_layer.max(head) + working,
+        };
+        Self {
+            weights: n_weights * e,
+            trainable_params: trainable,
+            grads,
+            optimizer,
+            per_layer,
+            activations,
+        }
+    }
+
+    /// One log line per part, in MiB.
+    pub fn log(&self, p: &PlanParams) {
+        tracing::info!(
+            "memory plan ({} × {} tokens, {:?}{}): weights {} | {} trainable params: grads {} + AdamW {} | activations {} ({} per layer) | total {}",
+            p.micro_batch,
+            p.seq_len,
+            p.dtype,
+            if p.checkpointing { ", gradient checkpointing" } else { "" },
+            mib(self.weights),
+            self.trainable_params,
+            mib(self.grads),
+            mib(self.optimizer),
+            mib(self.activations),
+            mib(self.per_layer),
+            mib(self.total())
+        );
+    }
+}
+
+/// `x` bytes as "N MiB".
+pub fn mib(x: u64) -> String {
+    format!("{:.0} MiB", x as f64 / (1u64 << 20) as f64)
+}
+
+struct LinearShape {
+    name: &'static str,
+    inp: u64,
+    out: u64,
+    bias: bool,
+}
+
+/// The seven projections of one decoder layer.
+fn linear_shapes(m: &ModelConfig) -> [LinearShape; 7] {
+    let (h, i) = (m.hidden_size as u64, m.intermediate_size as u64);
+    let (q, kv) = (
+        (m.num_heads * m.head_dim) as u64,
+        (m.num_kv_heads * m.head_dim) as u64,
+    );
+    let l = |name, inp, out, bias| LinearShape {
+        name,
+        inp,
+        out,
+        bias,
+    };
+    [
+        l("q_proj", h, q, m.qkv_bias),
+        l("k_proj", h, kv, m.qkv_bias),
+        l("v_proj", h, kv, m.qkv_bias),
+        l("o_proj", q, h, m.o_bias),
+        l("gate_proj", h, i, m.mlp_bias),
+        l("up_proj", h, i, m.mlp_bias),
+        l("down_proj", i, h, m.mlp_bias),
+    ]
+}
+
+/// Log the plan for this run; on CUDA, stop when what is still to be
+/// allocated (everything but the weights, already loaded) exceeds the
+/// card's free memory.
+pub fn check(cfg: &Config, m: &ModelConfig, device: &candle_core::Device) -> Result<MemoryPlan> {
+    let p = PlanParams::from_config(cfg);
+    let plan = MemoryPlan::estimate(m, &p);
+    plan.log(&p);
+    match free_memory(device) {
+        Some((free, total)) => fits(cfg, &p, &plan, free, total)?,
+        None if !device.is_cpu() => tracing::info!(
+            "free memory of {} is not queried (CUDA only); the estimate is not checked",
+            cfg.model.device
+        ),
+        None => {}
+    }
+    Ok(plan)
+}
+
+/// The decision [`check`] takes with the device's `free` / `total` bytes:
+/// an error naming the numbers (and the key to change) when the run cannot
+/// fit, a warning when the estimate is over half of what is free.
+pub fn fits(cfg: &Config, p: &PlanParams, plan: &MemoryPlan, free: u64, total: u64) -> Result<()> {
+    let needed = plan.total() - plan.weights;
+    tracing::info!(
+        "{}: {} free of {}; the run needs about {} more",
+        cfg.model.device,
+        mib(free),
+        mib(total),
+        mib(needed)
+    );
+    if needed > free {
+        return Err(Error::Config {
+            file: cfg.source.clone(),
+            key: "train.micro_batch_size".into(),
+            msg: format!(
+                "the run needs about {} on {} beyond the loaded weights ({} activations at {} × {} tokens, {} grads, {} AdamW state) but only {} of {} is free; lower train.micro_batch_size or data.max_seq_len, or set train.gradient_checkpointing = true",
+                mib(needed),
+                cfg.model.device,
+                mib(plan.activations),
+                p.micro_batch,
+                p.seq_len,
+                mib(plan.grads),
+                mib(plan.optimizer),
+                mib(free),
+                mib(total)
+            ),
+        });
+    }
+    // The estimate is what autograd holds; allocator slack and the
+    // backward's transients come on top (on CPU the measured peak ran
+    // 1.6-2.2x the estimate, docs/gpu.md).
+    if 2 * needed > free {
+        tracing::warn!(
+            "the estimate ({}) is over half of the free {}: the run may still run out of memory; train.gradient_checkpointing = true keeps one layer's activations",
+            mib(needed),
+            mib(free)
+        );
+    }
+    Ok(())
+}
+
+/// (free, total) bytes of a CUDA device, through cudarc's `cuMemGetInfo`.
+#[cfg(feature = "cuda")]
+pub fn free_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
+    let dev = device.as_cuda_device().ok()?;
+    match dev.cuda_stream().context().mem_get_info() {
+        Ok((free, total)) => Some((free as u64, total as u64)),
+        Err(e) => {
+            tracing::warn!("cannot query CUDA free memory: {e:?}");
+            None
+        }
+    }
+}
+
+/// Without the `cuda` feature there is no device to query.
+#[cfg(not(feature = "cuda"))]
+pub fn free_memory(_device: &candle_core::Device) -> Option<(u64, u64)> {
+    None
+}
