@@ -224,7 +224,7 @@ fn main() -> xtf_train::Result<()> {
             seq_len: seq,
             grad_accum: 1,
             checkpointing,
-            fused_softmax: dev.is_cpu(),
+            fused: dev.is_cpu(),
         },
     );
     let line = serde_json::json!({

@@ -26,7 +26,7 @@ fn params(method: Method, dtype: DType, checkpointing: bool) -> PlanParams {
         seq_len: 8,
         grad_accum: 1,
         checkpointing,
-        fused_softmax: true,
+        fused: true,
     }
 }
 
@@ -58,37 +58,41 @@ fn weights_trainables_and_optimizer_match_the_hand_count() {
 
 #[test]
 fn activations_match_the_hand_count() {
-    // LoRA f32, B 2 × T 8 (N = 16), r 2, no dropout; c = e = 4, no casts.
-    //   norm   16·16·(8+4) + 3·16·4                     = 3,264 (twice)
+    // LoRA f32, B 2 × T 8 (N = 16), r 2, no dropout; c = e = 4, no casts;
+    // the fused CPU kernels.
+    //   norm   16·16·4                                   = 1,024 (twice)
     //   linears: products 16·128·4 = 8,192 (outputs sum to 128),
     //     adapters 7·(16·2·4) + 16·128·(8+4) = 25,472 → 33,664
     //   heads contiguous 16·(4+4)·6·4 = 3,072; RoPE 4.5·16·(4+2)·6·4 = 10,368
-    //   GQA repeat 2·16·24·4 = 3,072; scores 2·4·64 = 512 → 512·16 = 8,192
-    //   rest 2·16·24·4 + 2·16·16·4 + 2·16·24·4 = 8,192
-    //   per layer 6,528 + 33,664 + 3,072 + 10,368 + 3,072 + 8,192 + 8,192 = 73,088
-    //   head 3,264 + 16·40·8 = 8,384; working 3·max(640, 512)·4 = 7,680
-    //   total 16·16·4 + 2·73,088 + 8,384 + 7,680 = 163,264
+    //   GQA repeat 2·16·24·4 = 3,072; scores S = 2·4·64 = 512 → 512·8 = 4,096
+    //   rest 2·16·24·4 + 2·16·16·4 + 16·24·4 = 6,656
+    //   per layer 2,048 + 33,664 + 3,072 + 10,368 + 3,072 + 4,096 + 6,656 = 62,976
+    //   head 1,024 + 16·40·4 + 2·16·4 = 3,712; working 3·max(640, 512)·4 = 7,680
+    //   total 16·16·4 + 2·62,976 + 3,712 + 7,680 = 138,368
     let m = small_config("llama");
     let plan = MemoryPlan::estimate(&m, &params(Method::Lora, DType::F32, false));
-    assert_eq!(plan.per_layer, 73_088);
-    assert_eq!(plan.activations, 163_264);
-    assert_eq!(plan.total(), 5_968 * 4 + 1_024 * 12 + 163_264);
+    assert_eq!(plan.per_layer, 62_976);
+    assert_eq!(plan.activations, 138_368);
+    assert_eq!(plan.total(), 5_968 * 4 + 1_024 * 12 + 138_368);
     // Checkpointing: two layer inputs 2·1,024, the recompute's Var copy
-    // 1,024, one layer 73,088, working 7,680 → 83,840.
+    // 1,024, one layer 62,976, working 7,680 → 73,728.
     let ck = MemoryPlan::estimate(&m, &params(Method::Lora, DType::F32, true));
-    assert_eq!(ck.activations, 83_840);
-    // Off the CPU the composite softmax keeps two more score-sized tensors
-    // per layer (2·512·4 = 4,096) and log-softmax two more logits-sized
-    // ones (2·640·4 = 5,120).
+    assert_eq!(ck.activations, 73_728);
+    // Off the CPU, candle's composites: norm 16·16·12 + 4·16·4 = 3,328
+    // (twice), attention 4,096 + 7·512·4 + 512 + 2·64·4 = 19,456, SwiGLU
+    // 2·16·24·4 = 3,072 → per layer 6,656 + 33,664 + 3,072 + 10,368 + 3,072
+    // + 19,456 + 3,072 + 2,048 + 3,072 = 84,480; head 3,328 + 2,560 +
+    // 3·640·4 + 5·16·4 = 13,888; total 1,024 + 2·84,480 + 13,888 + 7,680 =
+    // 191,552.
     let gpu = MemoryPlan::estimate(
         &m,
         &PlanParams {
-            fused_softmax: false,
+            fused: false,
             ..params(Method::Lora, DType::F32, false)
         },
     );
-    assert_eq!(gpu.per_layer, 73_088 + 4_096);
-    assert_eq!(gpu.activations, 163_264 + 2 * 4_096 + 5_120);
+    assert_eq!(gpu.per_layer, 84_480);
+    assert_eq!(gpu.activations, 191_552);
 }
 
 /// (storage address, bytes) of a CPU tensor; views share their storage.
@@ -98,6 +102,7 @@ fn storage(t: &Tensor) -> (usize, usize) {
     let bytes = match &*s {
         Storage::Cpu(CpuStorage::F32(v)) => v.len() * 4,
         Storage::Cpu(CpuStorage::F64(v)) => v.len() * 8,
+        Storage::Cpu(CpuStorage::BF16(v)) => v.len() * 2,
         Storage::Cpu(CpuStorage::U32(v)) => v.len() * 4,
         Storage::Cpu(CpuStorage::U8(v)) => v.len(),
         _ => 0,
@@ -150,6 +155,111 @@ fn activation_formula_tracks_what_the_autograd_graph_holds() {
         (0.95..=1.05).contains(&ratio),
         "formula {est} vs graph {held}"
     );
+}
+
+/// Bytes the autograd graph under `root` holds, leaving out `inputs`'
+/// storage (views share their storage, counted once).
+fn graph_bytes(root: &Tensor, inputs: &[&Tensor]) -> u64 {
+    let skip: HashSet<usize> = inputs.iter().map(|t| storage(t).0).collect();
+    let mut seen = HashSet::new();
+    root.sorted_nodes()
+        .iter()
+        .map(|n| storage(n))
+        .filter(|(at, _)| !skip.contains(at) && seen.insert(*at))
+        .map(|(_, bytes)| bytes as u64)
+        .sum()
+}
+
+#[test]
+fn each_term_matches_the_graph_of_its_op() {
+    // Each per-op term of the plan against what the autograd graph of that
+    // op alone holds, fused (CPU kernels) and composite (the off-CPU path),
+    // f32 and bf16 weights.
+    use xtf_train::model::fused::{self, composite, AttnMask};
+    use xtf_train::train::memory::{attn_bytes, head_bytes, norm_bytes, swiglu_bytes};
+    let dev = Device::Cpu;
+    let var = |shape: &[usize], dt: DType, seed: u64| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 * 2654435761 + seed) % 1000) as f32) / 500.0 - 1.0)
+            .collect();
+        candle_core::Var::from_tensor(
+            &Tensor::from_vec(v, shape, &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let (b, nh, t, hd, h, i, v) = (2usize, 3usize, 5usize, 4usize, 8usize, 12usize, 30usize);
+    let n = (b * t) as u64;
+    for dt in [DType::F32, DType::BF16] {
+        let e = dt.size_in_bytes() as u64;
+        for fused in [true, false] {
+            let what = format!("{dt:?}, fused {fused}");
+            // RMSNorm
+            let (x, w) = (var(&[b, t, h], dt, 1), var(&[h], dt, 2));
+            let y = match fused {
+                true => fused::rms_norm(&x, &w, 1e-5).unwrap(),
+                false => composite::rms_norm(&x, &w, 1e-5).unwrap(),
+            };
+            assert_eq!(
+                graph_bytes(&y, &[&x, &w]),
+                norm_bytes(n, h as u64, e, fused),
+                "norm, {what}"
+            );
+            // SwiGLU
+            let (g, u) = (var(&[b, t, i], dt, 3), var(&[b, t, i], dt, 4));
+            let y = match fused {
+                true => fused::swiglu(&g, &u).unwrap(),
+                false => composite::swiglu(&g, &u).unwrap(),
+            };
+            assert_eq!(
+                graph_bytes(&y, &[&g, &u]),
+                swiglu_bytes(n * i as u64, e, fused),
+                "swiglu, {what}"
+            );
+            // Attention scores → probabilities back in the weight dtype, as
+            // the decoder does; the composite's guard keeps zeros (S·c) and
+            // a boolean mask (S) that autograd does not track.
+            let (q, k) = (var(&[b, nh, t, hd], dt, 5), var(&[b, nh, t, hd], dt, 6));
+            let s = q.matmul(&k.t().unwrap()).unwrap();
+            let mask = AttnMask::causal();
+            let p = match fused {
+                true => fused::attn_softmax(&s, 0.5, &mask, None).unwrap(),
+                false => composite::attn_softmax(&s, 0.5, &mask, None).unwrap(),
+            };
+            let p = p.to_dtype(dt).unwrap();
+            let scores = (b * nh * t * t) as u64;
+            let untracked = if fused { 0 } else { scores * 4 + scores };
+            assert_eq!(
+                graph_bytes(&p, &[&q, &k]),
+                attn_bytes((b * nh * t) as u64, t as u64, e, fused) - untracked,
+                "attention, {what}"
+            );
+            // Head: logits (the plan's N·V·e, here the input), their f32
+            // cast and the cross-entropy; the fused op's logsumexp (N·c)
+            // lives inside the op, outside the graph.
+            let logits = var(&[b, t, v], dt, 7);
+            let targets = Tensor::from_vec(
+                (0..b * t).map(|j| (j * 7 % v) as u32).collect::<Vec<_>>(),
+                (b, t),
+                &dev,
+            )
+            .unwrap();
+            let lf = logits.to_dtype(DType::F32).unwrap();
+            let ce = match fused {
+                true => fused::cross_entropy(&lf, &targets, None).unwrap(),
+                false => composite::cross_entropy(&lf, &targets, None).unwrap(),
+            };
+            let inside = if fused { n * 4 } else { 0 };
+            assert_eq!(
+                graph_bytes(&ce, &[&logits]),
+                head_bytes(n, v as u64, e, fused) - n * v as u64 * e - inside,
+                "head, {what}"
+            );
+        }
+    }
 }
 
 fn params_for(method: Method, b: usize, t: usize) -> PlanParams {

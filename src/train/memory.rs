@@ -7,29 +7,36 @@
 //! autograd holds every tracked intermediate until `backward()` returns (no
 //! saved-tensor selection as in PyTorch), so each op's output is counted;
 //! views (reshape, narrow, transpose, broadcast) are free. With N = B·T
-//! tokens, e the weight dtype's bytes, c = 4 (f32 compute), and `cast(x)` =
-//! x when e ≠ c else 0 (a same-dtype cast is no copy), per layer:
+//! tokens, S = B·nh·T² attention scores, e the weight dtype's bytes, c = 4
+//! (f32 compute), and `cast(x)` = x when e ≠ c else 0 (a same-dtype cast is
+//! no copy), per layer:
 //!
-//! - RMSNorm, twice: `N·H·(2c + e) + cast(N·H·(c + e)) + 3·N·c`
+//! - RMSNorm, twice ([`norm_bytes`]): fused (CPU) its output `N·H·e`;
+//!   composite `N·H·(2c + e) + cast(N·H·(c + e)) + 4·N·c`
 //! - q/k/v/o, gate/up/down: the product `N·out·e` (+ bias `N·out·e`); with
 //!   a LoRA adapter also `N·r·c + 2·N·out·c + N·out·e + cast(N·in·c + N·out·e)`
 //!   and, with dropout, `2·N·in·c` (mask and product)
 //! - heads made contiguous: `N·(nh + 2·nkv)·hd·e`; RoPE on q and k:
 //!   `4.5·N·(nh + nkv)·hd·e`; GQA's repeated k and v: `2·N·nh·hd·e` (when
 //!   nkv < nh)
-//! - attention scores and probabilities: `B·nh·T²·(2e + 2c) + cast(B·nh·T²·(c + e))`
-//!   (q·kᵀ, ×scale, +mask, softmax, and their casts)
+//! - attention ([`attn_bytes`]): q·kᵀ `S·e`, its f32 cast, the
+//!   probabilities and their cast back: fused `S·(e + c) + cast(S·(c + e))`;
+//!   the composite keeps `7·S·c + S + 2·B·nh·T·c` more (scale, mask, the
+//!   empty-row guard, softmax's max / subtract / exp / sum / divide, and the
+//!   guard's zeros and boolean mask, held by its op though autograd does
+//!   not track them)
 //! - attention output and its re-layout `2·N·nh·hd·e`; two residual adds
-//!   `2·N·H·e`; SiLU and SiLU·up `2·N·I·e`
+//!   `2·N·H·e`; SwiGLU ([`swiglu_bytes`]) `N·I·e` fused, `2·N·I·e` composite
 //!
-//! The head: final RMSNorm, logits `N·V·e`, their f32 cast and log-softmax
-//! `N·V·c` each (+ cast). Off the CPU the softmax and log-softmax are
-//! candle's composite ops (ours are fused on CPU only), which keep two more
-//! tensors each: `+2·B·nh·T²·c` per layer and `+2·N·V·c` at the head. The backward's working set adds about three
-//! gradient buffers of the largest tensor: `3·max(N·V, B·nh·T²)·c`.
-//! With gradient checkpointing only the layer inputs stay (`L·N·H·e`, plus
-//! one f32-or-e copy as the recomputation's `Var`) with one layer's
-//! activations (or the head's, whichever is larger) at a time.
+//! The head ([`head_bytes`]): final RMSNorm, logits `N·V·e` and their f32
+//! cast; the fused cross-entropy keeps only its (N,) losses and logsumexp
+//! `2·N·c`, the composite log-softmax and gather `3·N·V·c + 5·N·c`. The
+//! fused kernels run on CPU only (`model::fused`); elsewhere the composites
+//! are counted. The backward's working set adds about three gradient
+//! buffers of the largest tensor:
+//! `3·max(N·V, S)·c`. With gradient checkpointing only the layer inputs stay
+//! (`L·N·H·e`, plus one f32-or-e copy as the recomputation's `Var`) with one
+//! layer's activations (or the head's, whichever is larger) at a time.
 //!
 //! Optimizer side: gradients in the parameter dtype (twice with gradient
 //! accumulation: the step's sum and the micro-batch's), AdamW moments in
@@ -52,8 +59,8 @@ pub struct PlanParams {
     pub seq_len: usize,
     pub grad_accum: usize,
     pub checkpointing: bool,
-    /// The fused one-pass softmax / log-softmax (CPU); false elsewhere.
-    pub fused_softmax: bool,
+    /// The fused kernels of `model::fused` (CPU); false elsewhere.
+    pub fused: bool,
 }
 
 impl PlanParams {
@@ -70,7 +77,7 @@ impl PlanParams {
             seq_len: cfg.data.max_seq_len,
             grad_accum: cfg.train.grad_accum,
             checkpointing: cfg.train.gradient_checkpointing,
-            fused_softmax: crate::config::DeviceSpec::parse(&cfg.model.device)
+            fused: crate::config::DeviceSpec::parse(&cfg.model.device)
                 .is_none_or(|d| d == crate::config::DeviceSpec::Cpu),
         }
     }
@@ -144,7 +151,7 @@ impl MemoryPlan {
         let cast = |x: u64| if e == c { 0 } else { x };
         let (b, t) = (p.micro_batch as u64, p.seq_len as u64);
         let n = b * t;
-        let norm = n * h * (2 * c + e) + cast(n * h * (c + e)) + 3 * n * c;
+        let norm = norm_bytes(n, h, e, p.fused);
         let linear_acts: u64 = linears
             .iter()
             .map(|l| {
@@ -166,11 +173,10 @@ impl MemoryPlan {
         let rope = 9 * n * (nh + nkv) * hd * e / 2;
         let gqa = if nkv < nh { 2 * n * nh * hd * e } else { 0 };
         let scores = b * nh * t * t;
-        let unfused = if p.fused_softmax { 0 } else { 2 * c };
-        let attn = scores * (2 * e + 2 * c + unfused) + cast(scores * (c + e));
-        let rest = 2 * n * nh * hd * e + 2 * n * h * e + 2 * n * i * e;
+        let attn = attn_bytes(b * nh * t, t, e, p.fused);
+        let rest = 2 * n * nh * hd * e + 2 * n * h * e + swiglu_bytes(n * i, e, p.fused);
         let per_layer = 2 * norm + linear_acts + heads + rope + gqa + attn + rest;
-        let head = norm + n * v * (e + c + unfused) + cast(n * v * c);
+        let head = norm + head_bytes(n, v, e, p.fused);
         let working = 3 * (n * v).max(scores) * c;
         let activations = match p.checkpointing {
             false => n * h * e + layers * per_layer + head + working,
@@ -202,6 +208,54 @@ impl MemoryPlan {
             mib(self.per_layer),
             mib(self.total())
         );
+    }
+}
+
+/// Bytes one RMSNorm over `n` rows of `h` keeps (module doc).
+pub fn norm_bytes(n: u64, h: u64, e: u64, fused: bool) -> u64 {
+    match fused {
+        true => n * h * e,
+        false => n * h * (2 * C + e) + cast(e, n * h * (C + e)) + 4 * n * C,
+    }
+}
+
+/// Bytes SwiGLU over `x` elements keeps.
+pub fn swiglu_bytes(x: u64, e: u64, fused: bool) -> u64 {
+    x * e * if fused { 1 } else { 2 }
+}
+
+/// Bytes one layer's attention keeps for `rows` (B·nh·T) query rows over
+/// `keys` keys: q·kᵀ, casts, and the softmax's kept tensors.
+pub fn attn_bytes(rows: u64, keys: u64, e: u64, fused: bool) -> u64 {
+    let s = rows * keys;
+    let composite = if fused {
+        0
+    } else {
+        7 * s * C + s + 2 * rows * C
+    };
+    s * (e + C) + cast(e, s * (C + e)) + composite
+}
+
+/// Bytes the head keeps after the final norm for `n` positions over a
+/// vocabulary of `v`: logits, their f32 cast, and the cross-entropy's.
+pub fn head_bytes(n: u64, v: u64, e: u64, fused: bool) -> u64 {
+    let ce = if fused {
+        2 * n * C
+    } else {
+        3 * n * v * C + 5 * n * C
+    };
+    n * v * e + cast(e, n * v * C) + ce
+}
+
+/// f32 compute bytes.
+const C: u64 = 4;
+
+/// `x` when a cast from the weight dtype (`e` bytes) to f32 copies, else 0.
+fn cast(e: u64, x: u64) -> u64 {
+    if e == C {
+        0
+    } else {
+        x
     }
 }
 
