@@ -12,6 +12,9 @@
 #   bash scripts/gpu_check.sh              # on a CUDA machine
 #   bash scripts/gpu_check.sh --dry-run    # anywhere: CPU, tiny sizes, same stages
 #   XTF_GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh   # same as --dry-run
+#   bash scripts/gpu_check.sh --prebuilt target/gpu-bundle.tar.xz
+#       # a CUDA machine without Rust: the binaries scripts/gpu_bundle.sh
+#       # built elsewhere (stage 1 unpacks instead of building)
 #
 # Environment: CUDA_COMPUTE_CAP (e.g. 90), XTF_PEAK_TFLOPS (the card's dense
 # bf16 peak; default from the table below by GPU name), XTF_GPU_CHECK_ONLINE=1
@@ -23,7 +26,15 @@ export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TERM_COLOR=never HF_HUB_OFFLINE=1
 
 device=${XTF_GPU_CHECK_DEVICE:-cuda}
-[[ "${1:-}" == "--dry-run" ]] && device=cpu
+prebuilt=
+while (($#)); do
+  case $1 in
+    --dry-run) device=cpu ;;
+    --prebuilt) prebuilt=$(realpath "${2:?--prebuilt needs a bundle}"); shift ;;
+    *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
 out=${XTF_GPU_CHECK_OUT:-runs/gpu_check}
 rm -rf "$out"
 mkdir -p "$out"
@@ -104,15 +115,55 @@ with_gpu_peak() {
   return $rc
 }
 
-# 1. Build once; the test and bench binaries reuse the artefacts.
-stage build 330 cargo build --release $offline "${features[@]}" --bin xtf-train --bench train_step
-stage build-tests 120 cargo test --release $offline "${features[@]}" --no-run \
-  --test parity --test grad --test packing
+# 1. Build once; the test and bench binaries reuse the artefacts. With
+#    --prebuilt, unpack scripts/gpu_bundle.sh's binaries instead, and find
+#    the CUDA libraries they link (cuBLAS, cuRAND, NVRTC 13) in the system
+#    or in the Python packages of the machine's image.
+if [[ -n $prebuilt ]]; then
+  bundle=$out/bundle
+  unpack() {
+    mkdir -p "$bundle" && tar -xJf "$prebuilt" -C "$bundle" && ls -l "$bundle"
+    if ! ldconfig -p 2>/dev/null | grep -q 'libcublas.so.13'; then
+      local d
+      for d in /usr/local/cuda/lib64 $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
+        [[ -d $d ]] || continue
+        while read -r lib; do
+          LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        done < <(find "$d" -maxdepth 4 -name 'lib*.so.1[0-3]' \( -name 'libcublas.so.*' -o -name 'libcurand.so.*' -o -name 'libnvrtc.so.*' -o -name 'libcudart.so.*' \) 2>/dev/null)
+      done
+      export LD_LIBRARY_PATH
+    fi
+    echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+    ldd "$bundle/xtf-train" | grep -E 'cu|nvrtc|not found'
+    ! ldd "$bundle/xtf-train" | grep -q 'not found'
+  }
+  stage unpack 60 unpack
+  bin=$bundle/xtf-train
+  bench=$bundle/train_step
+  export CARGO_MANIFEST_DIR=$PWD # the test binaries read tests/fixtures from here
+  model_tests() {
+    local t rc=0
+    for t in parity grad packing; do
+      echo "     Running $t"
+      timeout --signal=INT "$LIMIT" "$bundle/$t" --nocapture || rc=1
+    done
+    return $rc
+  }
+else
+  stage build 330 cargo build --release $offline "${features[@]}" --bin xtf-train --bench train_step
+  stage build-tests 120 cargo test --release $offline "${features[@]}" --no-run \
+    --test parity --test grad --test packing
+  bin=target/release/xtf-train
+  bench=$(ls -t target/release/deps/train_step-* 2>/dev/null | grep -v '\.d$' | head -1)
+  model_tests() {
+    timeout --signal=INT "$LIMIT" cargo test --release $offline "${features[@]}" \
+      --test parity --test grad --test packing -- --nocapture
+  }
+fi
 
 # 2. Model tests on the device, CPU tolerances.
 export XTF_TEST_DEVICE=$device
-stage tests 120 cargo test --release $offline "${features[@]}" \
-  --test parity --test grad --test packing -- --nocapture
+stage tests 120 model_tests
 unset XTF_TEST_DEVICE
 grep -E "^test result:|^test .*FAILED|bf16: max" "$log" >"$out/tests.txt"
 
@@ -122,12 +173,10 @@ sed -e "s/^device = \"cpu\"/device = \"$device\"/" \
   -e "s|^dir = \"runs/tiny/out\"|dir = \"$out/tiny-out\"|" \
   -e 's/^\[train\]$/[train]\nmax_steps = 20/' \
   -e 's/^eval_steps = 10/eval_steps = 20/' configs/tiny.toml >"$cfg"
-bin=target/release/xtf-train
 stage tiny-run 150 "$bin" --config "$cfg" --quiet
 stage tiny-score 60 "$bin" score --config "$cfg" --rescore --quiet
 
 # 4. Training benchmark: LoRA, LoRA with gradient checkpointing, full FT.
-bench=$(ls -t target/release/deps/train_step-* 2>/dev/null | grep -v '\.d$' | head -1)
 bench_run() {
   local tag=$1
   shift

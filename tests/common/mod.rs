@@ -103,11 +103,18 @@ pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The checkout the tests read fixtures from: `CARGO_MANIFEST_DIR` at run
+/// time when set (cargo sets it; `scripts/gpu_check.sh --prebuilt` sets it
+/// for test binaries built on another machine), else where they were built.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// A committed HF fixture checkpoint (tests/fixtures/<family>).
 pub fn fixture(family: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(family)
+    repo_root().join("tests/fixtures").join(family)
 }
 
 /// A fixture checkpoint loaded frozen in f32, and HF's saved outputs for it.
@@ -131,7 +138,7 @@ pub fn word_env() -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().unwrap();
     let model = d.path().join("model");
     std::fs::create_dir_all(&model).unwrap();
-    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
+    let fx = fixture("llama");
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fx.join(f), model.join(f)).unwrap();
     }
