@@ -12,7 +12,8 @@
 //!     cargo bench --bench train_step -- --packing [--config configs/tiny.toml] [--steps 8]
 //!         [--capacity N] [--mixed]
 //!
-//! `--size 1b` is a Llama-3.2-1B-shaped model (1.24 B parameters, tied
+//! `--size tiny` is the embedded default's shape (hidden 128, 4 layers,
+//! vocab 512); `--size 1b` is a Llama-3.2-1B-shaped model (1.24 B parameters, tied
 //! head) with random weights, drawn on the device. Prints one JSON line:
 //! tokens/s, step time, peak RSS (VmHWM), peak GPU memory seen between
 //! steps (CUDA), the memory plan's estimate, and MFU =
@@ -76,10 +77,12 @@ fn model_config(size: &str) -> xtf_train::Result<ModelConfig> {
             "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": true,
         }),
+        // The embedded default's shape (src/assets/tiny.rs; vocab as its
+        // tokenizer is trained to), so `bench_compare.sh` covers that size too.
         "tiny" => serde_json::json!({
-            "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 352,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         }),
         _ => serde_json::json!({
             "model_type": "llama", "vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1376,

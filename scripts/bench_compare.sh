@@ -2,22 +2,33 @@
 # Training-step throughput of xtf-train vs PyTorch eager (+PEFT) on this CPU,
 # same model, batch and step, run side by side; prints the speed ratio.
 #
-#   bash scripts/bench_compare.sh [STEPS]        (needs: pip install -r scripts/requirements.txt)
+#   bash scripts/bench_compare.sh [STEPS] [ROUNDS]   (needs: pip install -r scripts/requirements.txt)
 #
+# Each round runs, for both sizes (bench: hidden 512, batch 4 x 256; tiny: the
+# embedded default's shape, batch 8 x 256 as configs/tiny.toml) and both
+# methods (LoRA, full), our step and then PyTorch's, one process each, so the
+# two sides of a ratio are measured minutes apart on the same machine.
 # Run on an otherwise idle machine: both sides use every core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-5}
+rounds=${2:-1}
 py=${PYTHON:-python3}
-cargo build --release --bench train_step -q 2>/dev/null || cargo bench --bench train_step --no-run -q
-for method in lora full; do
-  ours=$(cargo bench -q --bench train_step -- --method "$method" --steps "$steps" 2>/dev/null | tail -n 1)
-  theirs=$("$py" scripts/bench_torch.py --method "$method" --steps "$steps" 2>/dev/null | tail -n 1)
-  "$py" - "$ours" "$theirs" <<'PY'
+cargo bench --bench train_step --no-run -q
+for round in $(seq 1 "$rounds"); do
+  for size in bench tiny; do
+    if [ "$size" = tiny ]; then shape=(--batch 8 --seq 256); else shape=(--batch 4 --seq 256); fi
+    for method in lora full; do
+      args=(--method "$method" --size "$size" "${shape[@]}" --steps "$steps")
+      ours=$(cargo bench -q --bench train_step -- "${args[@]}" 2>/dev/null | tail -n 1)
+      theirs=$("$py" scripts/bench_torch.py "${args[@]}" 2>/dev/null | tail -n 1)
+      "$py" - "$round" "$size" "$ours" "$theirs" <<'PY'
 import json, sys
-a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"{a['method']:>4}: xtf-train {a['tokens_per_s']:8.0f} tok/s {a['peak_rss_mib']:7.0f} MiB | "
+r, size, a, b = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+print(f"round {r} {size:>5} {a['method']:>4}: xtf-train {a['tokens_per_s']:8.0f} tok/s {a['peak_rss_mib']:7.0f} MiB | "
       f"torch {b['tokens_per_s']:8.0f} tok/s {b['peak_rss_mib']:7.0f} MiB | "
-      f"speed ratio (xtf/torch) {a['tokens_per_s'] / b['tokens_per_s']:.2f}x")
+      f"speed ratio (xtf/torch) {a['tokens_per_s'] / b['tokens_per_s']:.2f}x", flush=True)
 PY
+    done
+  done
 done

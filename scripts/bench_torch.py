@@ -2,10 +2,12 @@
 """PyTorch eager CPU training benchmark: the reference counterpart of the
 xtf-train (Rust/candle) training benchmark.
 
-What: builds a randomly initialised Llama (vocab 2048, hidden 512,
-intermediate 1376, 4 layers, 8 heads, 8 kv heads, max positions 512, f32,
-eager attention or --attn sdpa) and times training steps on random token ids
-(batch 4, seq 256). One step = forward, causal-LM cross-entropy over all
+What: builds a randomly initialised Llama — --size bench (default): vocab
+2048, hidden 512, intermediate 1376, 4 layers, 8 heads, 8 kv heads; --size
+tiny: the embedded default's shape, vocab 512, hidden 128, intermediate 352,
+4 layers, 4 heads, 2 kv heads, head_dim 32 — f32, eager attention or --attn
+sdpa, and times training steps on random token ids (--batch 4, --seq 256).
+The shapes are those of `cargo bench --bench train_step -- --size S`. One step = forward, causal-LM cross-entropy over all
 positions (logits[:, :-1] vs ids[:, 1:]), backward, clip_grad_norm_(1.0),
 AdamW(lr 1e-4).step(), zero_grad(). --method full trains all weights;
 --method lora trains a PEFT LoRA (r=8, alpha=16, dropout 0, on q/k/v/o/gate/up/down)
@@ -23,7 +25,8 @@ Nothing is downloaded.
 
 Run:
 
-    python3 scripts/bench_torch.py --method lora [--steps 5] [--warmup 2] [--threads N] [--attn eager|sdpa]
+    python3 scripts/bench_torch.py --method lora [--size bench|tiny] [--batch 4] [--seq 256]
+        [--steps 5] [--warmup 2] [--threads N] [--attn eager|sdpa]
     python3 scripts/bench_torch.py --method full
 """
 
@@ -38,19 +41,16 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-BATCH, SEQ = 4, 256
+SIZES = {
+    "bench": dict(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=8, rms_norm_eps=1e-6),
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5),
+}
 
 
-def build(method, attn):
-    cfg = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=512,
-    )
+def build(method, attn, size):
+    cfg = LlamaConfig(max_position_embeddings=1024, **SIZES[size])
     model = LlamaForCausalLM._from_config(cfg, attn_implementation=attn, dtype=torch.float32).float()
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -70,6 +70,9 @@ def build(method, attn):
 def main():
     ap = argparse.ArgumentParser(description="PyTorch eager CPU training benchmark (see module docstring)")
     ap.add_argument("--method", choices=["lora", "full"], default="lora")
+    ap.add_argument("--size", choices=sorted(SIZES), default="bench")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
@@ -81,14 +84,15 @@ def main():
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
 
-    model = build(args.method, args.attn)
+    model = build(args.method, args.attn, args.size)
+    vocab = SIZES[args.size]["vocab_size"]
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
-    print(f"[bench_torch] method={args.method} attn={args.attn} threads={threads} "
+    print(f"[bench_torch] method={args.method} size={args.size} attn={args.attn} threads={threads} "
           f"trainable={n_train:,} / total={n_total:,}", file=sys.stderr)
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, 2048, (BATCH, SEQ), dtype=torch.int64)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), dtype=torch.int64)
 
     def step():
         logits = model(input_ids=ids, use_cache=False).logits
@@ -114,14 +118,15 @@ def main():
     print(json.dumps({
         "impl": "torch",
         "method": args.method,
-        "tokens_per_s": round(BATCH * SEQ / mean, 2),
+        "size": args.size,
+        "tokens_per_s": round(args.batch * args.seq / mean, 2),
         "step_ms": round(1000 * mean, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": threads,
         "torch": torch.__version__,
         "attn": args.attn,
-        "batch": BATCH,
-        "seq": SEQ,
+        "batch": args.batch,
+        "seq": args.seq,
         "steps": args.steps,
         "warmup": args.warmup,
         "final_loss": round(loss, 6),
