@@ -87,31 +87,101 @@ pub fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
         .map_err(|e| crate::error::Error::model(path, format!("invalid JSON: {e}")))
 }
 
-/// A progress bar with step, loss, tokens/s and ETA; hidden with `--quiet`
-/// or when stderr is not a terminal.
+/// A progress bar with step, loss, tokens/s and ETA; hidden with `--quiet`.
+/// When stderr is not a terminal (CI, `nohup`, a redirected log) it becomes
+/// periodic log lines instead (see [`LogLines`]).
 pub fn progress(len: u64, quiet: bool) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    let style = indicatif::ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps | {msg} | ETA {eta}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar
+    bar(len, "steps", quiet)
 }
 
 /// A counting progress bar (e.g. examples of the scoring pass) with rate and ETA.
 pub fn progress_units(len: u64, unit: &str, quiet: bool) -> indicatif::ProgressBar {
+    bar(len, unit, quiet)
+}
+
+fn bar(len: u64, unit: &str, quiet: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
     if quiet {
         return indicatif::ProgressBar::hidden();
     }
-    let bar = indicatif::ProgressBar::new(len);
-    let template = format!("{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit} | {{msg}} | ETA {{eta}}");
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(&template)
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar
+    let (target, template) = if std::io::stderr().is_terminal() {
+        let t = "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} UNIT | {msg} | ETA {eta}";
+        (indicatif::ProgressDrawTarget::stderr(), t)
+    } else {
+        let t = "{pos}/{len} UNIT | {msg} | elapsed {elapsed} | ETA {eta}";
+        (LogLines::target(), t)
+    };
+    let style = indicatif::ProgressStyle::with_template(&template.replace("UNIT", unit))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    indicatif::ProgressBar::with_draw_target(Some(len), target).with_style(style)
+}
+
+/// A "terminal" for indicatif that turns the bar into `tracing` lines, at
+/// most one per `XTF_PROGRESS_SECS` (default 30) seconds. Without it
+/// indicatif draws nothing when stderr is not a terminal, and a scoring pass
+/// or training run that takes an hour would log nothing until it ends.
+#[derive(Debug)]
+struct LogLines {
+    every: std::time::Duration,
+    last: std::sync::Mutex<std::time::Instant>,
+}
+
+impl LogLines {
+    fn target() -> indicatif::ProgressDrawTarget {
+        let secs = std::env::var("XTF_PROGRESS_SECS")
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .unwrap_or(30.0);
+        // The bar's first draw (position 0, no rate yet) says nothing: the
+        // first line comes one interval in.
+        let me = LogLines {
+            every: std::time::Duration::from_secs_f64(secs),
+            last: std::sync::Mutex::new(std::time::Instant::now()),
+        };
+        indicatif::ProgressDrawTarget::term_like(Box::new(me))
+    }
+
+    fn emit(&self, line: &str) -> std::io::Result<()> {
+        let line = line.trim();
+        if line.is_empty() {
+            return Ok(());
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() >= self.every {
+            *last = std::time::Instant::now();
+            tracing::info!("{line}");
+        }
+        Ok(())
+    }
+}
+
+impl indicatif::TermLike for LogLines {
+    fn width(&self) -> u16 {
+        200
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.emit(s)
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.emit(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -137,6 +137,32 @@ fn good_small_config_succeeds() {
 }
 
 #[test]
+fn progress_is_logged_when_stderr_is_not_a_terminal() {
+    // Captured stderr is a pipe, as in CI or `nohup`: indicatif alone would
+    // draw nothing there, so the bar must turn into log lines with the
+    // position and an ETA. XTF_PROGRESS_SECS=0 logs every update.
+    let model = tiny_run().join("runs/tiny/model");
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config_with(d.path(), &model, &good_data(d.path()), "");
+    let run = |secs: &str| {
+        let out = bin()
+            .args(["--config", cfg.to_str().unwrap()])
+            .env("XTF_PROGRESS_SECS", secs)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let err = run("0");
+    for step in ["1/2 steps |", "2/2 steps |"] {
+        let line = err.lines().find(|l| l.contains(step));
+        let line = line.unwrap_or_else(|| panic!("no {step:?} line in:\n{err}"));
+        assert!(line.contains("ETA") && line.contains("tok/s"), "{line}");
+    }
+    // The default interval (30 s) is longer than this run: no progress lines.
+    assert!(!run("30").contains("/2 steps |"));
+}
+#[test]
 fn unknown_config_key_fails() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config_with(
