@@ -91,15 +91,11 @@ pub fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
 /// When stderr is not a terminal (CI, `nohup`, a redirected log) it becomes
 /// periodic log lines instead (see [`LogLines`]).
 pub fn progress(len: u64, quiet: bool) -> indicatif::ProgressBar {
-    bar(len, "steps", quiet)
+    progress_units(len, "steps", quiet)
 }
 
 /// A counting progress bar (e.g. examples of the scoring pass) with rate and ETA.
 pub fn progress_units(len: u64, unit: &str, quiet: bool) -> indicatif::ProgressBar {
-    bar(len, unit, quiet)
-}
-
-fn bar(len: u64, unit: &str, quiet: bool) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if quiet {
         return indicatif::ProgressBar::hidden();
