@@ -7,6 +7,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use xtf_train::model::fused::{self as fz, composite, AttnMask};
+use xtf_train::model::linear::LoraAdapter;
+use xtf_train::model::{Fwd, Linear};
 
 fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
@@ -485,4 +487,136 @@ fn cross_entropy_ignore_index_and_extremes() {
         1e-6,
         "i64 targets",
     );
+}
+
+// ------------------------------------------------------------- LoRA linear
+
+/// A frozen linear layer with an adapter whose A and B are `a`, `b`.
+fn lora_layer(w: &Tensor, a: &Tensor, b: &Tensor, dropout: f64) -> Linear {
+    let mut lin = Linear::new(w.clone(), None, true);
+    lin.lora = Some(LoraAdapter {
+        a: Var::from_tensor(a).unwrap(),
+        b: Var::from_tensor(b).unwrap(),
+        scale: 2.5,
+        dropout,
+    });
+    lin
+}
+
+#[test]
+fn lora_linear_matches_composite_and_finite_differences() {
+    let mut r = rng(21);
+    let (k, n, rank) = (12, 7, 3);
+    let x = randn(&mut r, &[2, 5, k], 1.0, DType::F64).unwrap();
+    let w = randn(&mut r, &[n, k], 0.5, DType::F64).unwrap();
+    let a = randn(&mut r, &[rank, k], 0.5, DType::F64).unwrap();
+    let b = randn(&mut r, &[n, rank], 0.5, DType::F64).unwrap();
+    for dropout in [0.0, 0.3] {
+        let run = |xs: &[Tensor], composite: bool| -> Result<Tensor> {
+            let lin = lora_layer(&w.to_dtype(xs[0].dtype())?, &xs[1], &xs[2], dropout);
+            // A fresh seed per call: the same dropout mask on both paths and
+            // in every finite-difference evaluation.
+            let mut g = rng(5);
+            let mut fwd = Fwd {
+                rng: Some(&mut g),
+                ..Fwd::default()
+            };
+            let out = if composite {
+                lin.forward_composite(&xs[0], &mut fwd)
+            } else {
+                assert!(lin.fusable(&xs[0], lin.lora.as_ref().unwrap()));
+                lin.forward(&xs[0], &mut fwd)
+            };
+            Ok(out.map_err(|e| candle_core::Error::Msg(e.to_string()))?)
+        };
+        check_op(
+            &format!("lora linear (dropout {dropout})"),
+            &[x.clone(), a.clone(), b.clone()],
+            &|xs| run(xs, false),
+            &|xs| run(xs, true),
+        );
+    }
+}
+
+#[test]
+fn lora_linear_input_without_gradient_and_fallbacks() {
+    let mut r = rng(22);
+    let (k, n, rank) = (16, 9, 4);
+    let x = randn(&mut r, &[3, 4, k], 1.0, DType::F32).unwrap();
+    let w = randn(&mut r, &[n, k], 0.5, DType::F32).unwrap();
+    let a = Var::from_tensor(&randn(&mut r, &[rank, k], 0.5, DType::F32).unwrap()).unwrap();
+    let b = Var::from_tensor(&randn(&mut r, &[n, rank], 0.5, DType::F32).unwrap()).unwrap();
+    let lin = lora_layer(&w, a.as_tensor(), b.as_tensor(), 0.0);
+    let c = randn(&mut r, &[3, 4, n], 1.0, DType::F32).unwrap();
+    // x is a constant (the first layer under LoRA): only A and B get gradients.
+    let grads_of = |composite: bool| {
+        let y = if composite {
+            lin.forward_composite(&x, &mut Fwd::default()).unwrap()
+        } else {
+            lin.forward(&x, &mut Fwd::default()).unwrap()
+        };
+        let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none());
+        (g.get(a.as_tensor()).unwrap().clone(), g.get(b.as_tensor()).unwrap().clone())
+    };
+    let ((fa, fb), (ra, rb)) = (grads_of(false), grads_of(true));
+    assert_close(&fa, &ra, 1e-5, "lora linear dA, constant input");
+    assert_close(&fb, &rb, 1e-5, "lora linear dB, constant input");
+    // Not fused: a trainable base weight, a bf16 input, adapters switched off.
+    let mut full = lin.clone();
+    full.frozen = false;
+    assert!(!full.fusable(&x, lin.lora.as_ref().unwrap()));
+    let xb = x.to_dtype(DType::BF16).unwrap();
+    assert!(!lin.fusable(&xb, lin.lora.as_ref().unwrap()));
+    let off = lin
+        .forward(&x, &mut Fwd { no_adapters: true, ..Fwd::default() })
+        .unwrap();
+    let base = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+    assert_close(&off, &base, 1e-6, "adapters off");
+}
+
+// ------------------------------------------------------ heads split / merge
+
+#[test]
+fn split_heads_with_rope_matches_composite_and_finite_differences() {
+    use xtf_train::model::fused_heads::{self as fh, composite as hc};
+    let mut r = rng(31);
+    let (b, t, n, d) = (2, 5, 3, 6);
+    let x = randn(&mut r, &[b, t, n * d], 1.0, DType::F64).unwrap();
+    // Tables per batch row (packed rows) and shared by the batch (1, 1, T, D).
+    for tb in [b, 1] {
+        let ang = randn(&mut r, &[tb, 1, t, d], 3.0, DType::F64).unwrap();
+        let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+        let tabs = |dt| (cos.to_dtype(dt).unwrap(), sin.to_dtype(dt).unwrap());
+        check_op(
+            &format!("split heads + rope (table batch {tb})"),
+            std::slice::from_ref(&x),
+            &|xs| {
+                let (c, s) = tabs(xs[0].dtype());
+                fh::split_heads(&xs[0], n, Some((&c, &s)))
+            },
+            &|xs| {
+                let (c, s) = tabs(xs[0].dtype());
+                hc::split_heads(&xs[0], n, Some((&c, &s)))
+            },
+        );
+    }
+    check_op(
+        "split heads",
+        std::slice::from_ref(&x),
+        &|xs| fh::split_heads(&xs[0], n, None),
+        &|xs| hc::split_heads(&xs[0], n, None),
+    );
+    let h = randn(&mut r, &[b, n, t, d], 1.0, DType::F64).unwrap();
+    check_op(
+        "merge heads",
+        &[h],
+        &|xs| fh::merge_heads(&xs[0]),
+        &|xs| hc::merge_heads(&xs[0]),
+    );
+    // Bad shapes are errors, not panics.
+    assert!(fh::split_heads(&x, 4, None).is_err());
+    let odd = randn(&mut r, &[1, 1, t, 5], 1.0, DType::F64).unwrap();
+    let x5 = randn(&mut r, &[1, t, 5], 1.0, DType::F64).unwrap();
+    assert!(fh::split_heads(&x5, 1, Some((&odd, &odd))).is_err());
 }

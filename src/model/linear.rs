@@ -167,6 +167,52 @@ impl Linear {
 
     /// x: (..., in) → (..., out)
     pub fn forward(&self, x: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
+        match (&self.lora, fwd.no_adapters) {
+            (Some(l), false) if self.fusable(x, l) => self.forward_fused(x, l, fwd),
+            _ => self.forward_composite(x, fwd),
+        }
+    }
+
+    /// A frozen f32/f64 layer with an adapter on the CPU runs as one op
+    /// ([`crate::model::fused_linear`]); the result equals
+    /// [`Self::forward_composite`] up to summation order.
+    pub fn fusable(&self, x: &Tensor, l: &LoraAdapter) -> bool {
+        let dt = x.dtype();
+        self.frozen
+            && x.device().is_cpu()
+            && matches!(dt, DType::F32 | DType::F64)
+            && [&self.weight, l.a.as_tensor(), l.b.as_tensor()]
+                .iter()
+                .all(|t| t.dtype() == dt && t.is_contiguous())
+    }
+
+    fn forward_fused(&self, x: &Tensor, l: &LoraAdapter, fwd: &mut Fwd) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = dims[dims.len() - 1];
+        let m = x.elem_count() / k;
+        let x2 = x.reshape((m, k))?.contiguous()?;
+        // The same draws, in the same order, as the composite path's mask.
+        let mask = match (fwd.rng.as_deref_mut(), l.dropout > 0.0) {
+            (Some(rng), true) => Some(dropout_values(m * k, l.dropout, rng)),
+            _ => None,
+        };
+        let op = crate::model::fused_linear::LoraLinear {
+            w: self.weight.clone(),
+            scale: l.scale,
+            mask,
+        };
+        let mut y = x2.apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out = dims;
+        *out.last_mut().unwrap_or(&mut 0) = self.out_dim();
+        Ok(y.reshape(out)?)
+    }
+
+    /// The layer as candle ops (any device and dtype): the reference for the
+    /// fused path.
+    pub fn forward_composite(&self, x: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let k = dims[dims.len() - 1];
         let m = x.elem_count() / k;
@@ -208,11 +254,15 @@ fn dropout_mask(
     device: &candle_core::Device,
 ) -> Result<Tensor> {
     let n: usize = dims.iter().product();
+    Ok(Tensor::from_vec(dropout_values(n, p, rng), dims, device)?)
+}
+
+/// `n` inverted-dropout factors: 0 with probability `p`, else 1/(1−p).
+fn dropout_values(n: usize, p: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
     let keep = (1.0 / (1.0 - p)) as f32;
-    let v: Vec<f32> = (0..n)
+    (0..n)
         .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep })
-        .collect();
-    Ok(Tensor::from_vec(v, dims, device)?)
+        .collect()
 }
 
 /// Check that a loaded tensor has the shape the model expects.

@@ -8,6 +8,8 @@
 //! probabilities while only that layer's T×T matrix is alive.
 
 pub mod fused;
+pub mod fused_heads;
+pub(crate) mod fused_linear;
 pub mod gguf;
 pub mod linear;
 pub mod load;
@@ -21,8 +23,9 @@ pub use load::{
 
 use crate::error::{Error, Result};
 use crate::model::fused::AttnMask;
+use crate::model::fused_heads::{merge_heads, split_heads};
 use crate::model::linear::check_shape;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
@@ -641,17 +644,12 @@ impl Model {
     ) -> Result<(Tensor, Tensor)> {
         let c = &self.cfg;
         let (cos, sin) = (&ctx.cos, &ctx.sin);
-        let (b, t, _) = x.dims3()?;
-        let heads = |lin: &Linear, n: usize, fwd: &mut Fwd| -> Result<Tensor> {
-            Ok(lin
-                .forward(x, fwd)?
-                .reshape((b, t, n, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = rope(&heads(&a.q, c.num_heads, fwd)?, cos, sin)?;
-        let mut k = rope(&heads(&a.k, c.num_kv_heads, fwd)?, cos, sin)?;
-        let mut v = heads(&a.v, c.num_kv_heads, fwd)?;
+        // Split into heads with RoPE applied (one op each on the CPU:
+        // fused_heads).
+        let rope = Some((cos, sin));
+        let q = split_heads(&a.q.forward(x, fwd)?, c.num_heads, rope)?;
+        let mut k = split_heads(&a.k.forward(x, fwd)?, c.num_kv_heads, rope)?;
+        let mut v = split_heads(&a.v.forward(x, fwd)?, c.num_kv_heads, None)?;
         // Generation: prepend the cached keys/values (stored before repeat_kv).
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
@@ -669,10 +667,7 @@ impl Model {
         let scores = q.matmul(&k.t()?)?;
         let probs = fused::attn_softmax(&scores, scale, &ctx.mask, ctx.additive.as_ref())?;
         let y = probs.to_dtype(self.dtype)?.matmul(&v)?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((b, t, c.num_heads * c.head_dim))?;
-        Ok((a.o.forward(&y, fwd)?, probs))
+        Ok((a.o.forward(&merge_heads(&y)?, fwd)?, probs))
     }
 
     /// cos/sin tables (B, 1, t, head_dim) in the weight dtype for positions
@@ -732,17 +727,6 @@ impl Layer {
             ("mlp", "down_proj", &self.mlp.down),
         ]
     }
-}
-
-/// Rotary embedding, non-interleaved (HF `rotate_half`): `x cos + rot(x) sin`.
-/// Same maths as candle's `rope_slow` (differentiable, unlike the fused
-/// `rope`), with the tables prepared once per forward instead of per call.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
 /// RMSNorm in f32, differentiable (candle's fused rms_norm has no backward):

@@ -1,0 +1,296 @@
+//! Splitting a projection into attention heads (with the rotary embedding
+//! applied on the way) and merging heads back, as single CPU ops.
+//!
+//! Why: the composite route is reshape → transpose → contiguous → RoPE
+//! (two narrows, a neg, a cat, two broadcast muls, an add): ten graph nodes
+//! for each of q and k, and candle's backward pays a zeroed buffer plus an
+//! add pass for every node (see [`crate::model::fused_linear`]). Each op
+//! here is one pass forward and one backward. RoPE is a rotation, so its
+//! backward is the transposed rotation with the same tables; the tables
+//! are constants (they come from positions), so they live in the op.
+//!
+//! f32/f64 on the CPU; everything else (and the reference in the tests) is
+//! [`composite`].
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+use std::ops::{Add, Mul, Neg};
+
+/// The arithmetic the permutation + rotation kernels need.
+trait F: WithDType + Copy + Send + Sync + Mul<Output = Self> + Add<Output = Self> + Neg<Output = Self> {}
+impl F for f32 {}
+impl F for f64 {}
+
+/// (B, T, n·D) → (B, n, T, D), then `x cos + rotate_half(x) sin` when `rope`
+/// is given (cos/sin: (1|B, 1, T, D) contiguous, the input's dtype).
+struct SplitHeads {
+    n: usize,
+    rope: Option<(Tensor, Tensor)>,
+}
+
+/// (B, n, T, D) → (B, T, n·D).
+struct MergeHeads {
+    n: usize,
+}
+
+/// The rotated element `i` of a head row: `rotate_half(x)[i]`.
+#[inline(always)]
+fn rot<E: F>(x: &[E], i: usize, half: usize) -> E {
+    if i < half {
+        -x[i + half]
+    } else {
+        x[i - half]
+    }
+}
+
+/// Which batch row of a (1|B, 1, T, D) table serves batch row `b`.
+fn table_row(tb: usize, b: usize) -> usize {
+    if tb == 1 {
+        0
+    } else {
+        b
+    }
+}
+
+/// Forward of SplitHeads on contiguous data; `tabs` = (cos, sin, table batch).
+fn split_fwd<E: F>(
+    x: &[E],
+    (b, t, n, d): (usize, usize, usize, usize),
+    tabs: Option<(&[E], &[E], usize)>,
+) -> Vec<E> {
+    let half = d / 2;
+    let mut out = vec![E::from_f64(0.0); b * n * t * d];
+    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, blk)| {
+        let (bi, h) = (bh / n, bh % n);
+        for (ti, o) in blk.chunks_mut(d).enumerate() {
+            let src = &x[((bi * t + ti) * n + h) * d..][..d];
+            match tabs {
+                None => o.copy_from_slice(src),
+                Some((cos, sin, tb)) => {
+                    let at = (table_row(tb, bi) * t + ti) * d;
+                    let (c, s) = (&cos[at..at + d], &sin[at..at + d]);
+                    for i in 0..d {
+                        o[i] = src[i] * c[i] + rot(src, i, half) * s[i];
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Backward of SplitHeads: gradient (B, n, T, D) → (B, T, n·D). The
+/// rotation's transpose: `dx_j = g_j c_j + (j < D/2 ? g_{j+D/2} s_{j+D/2} :
+/// −g_{j−D/2} s_{j−D/2})`, i.e. `g cos − rotate_half(g sin)`.
+fn split_bwd<E: F>(
+    g: &[E],
+    (b, t, n, d): (usize, usize, usize, usize),
+    tabs: Option<(&[E], &[E], usize)>,
+) -> Vec<E> {
+    let half = d / 2;
+    let mut out = vec![E::from_f64(0.0); b * t * n * d];
+    out.par_chunks_mut(n * d).enumerate().for_each(|(bt, row)| {
+        let (bi, ti) = (bt / t, bt % t);
+        for (h, o) in row.chunks_mut(d).enumerate() {
+            let src = &g[((bi * n + h) * t + ti) * d..][..d];
+            match tabs {
+                None => o.copy_from_slice(src),
+                Some((cos, sin, tb)) => {
+                    let at = (table_row(tb, bi) * t + ti) * d;
+                    let (c, s) = (&cos[at..at + d], &sin[at..at + d]);
+                    for j in 0..d {
+                        let r = if j < half {
+                            src[j + half] * s[j + half]
+                        } else {
+                            -(src[j - half] * s[j - half])
+                        };
+                        o[j] = src[j] * c[j] + r;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+fn contiguous_slice<'a, E: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [E]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&E::cpu_storage_as_slice(s)?[a..b]),
+        None => bail!("fused heads: input is not contiguous"),
+    }
+}
+
+/// Run `f` on a contiguous CPU tensor's data.
+fn with_data<E: WithDType, R>(t: &Tensor, f: impl FnOnce(&[E]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cs) = &*st else {
+        bail!("fused heads: tensor is not on the cpu")
+    };
+    f(contiguous_slice(cs, l)?)
+}
+
+macro_rules! by_float {
+    ($dt:expr, |$E:ident| $body:expr) => {
+        match $dt {
+            DType::F32 => {
+                type $E = f32;
+                $body
+            }
+            DType::F64 => {
+                type $E = f64;
+                $body
+            }
+            dt => bail!("fused heads: unsupported dtype {dt:?}"),
+        }
+    };
+}
+
+impl SplitHeads {
+    fn dims(&self, shape: &Shape) -> Result<(usize, usize, usize, usize)> {
+        let (b, t, nd) = shape.dims3()?;
+        if self.n == 0 || nd % self.n != 0 {
+            bail!("split heads: {nd} features do not split into {} heads", self.n);
+        }
+        let d = nd / self.n;
+        if let Some((c, _)) = &self.rope {
+            let (tb, one, tt, td) = c.dims4()?;
+            if one != 1 || tt != t || td != d || (tb != 1 && tb != b) {
+                bail!("split heads: rope tables {:?} do not fit ({b}, {t}, {d})", c.dims());
+            }
+            if d % 2 != 0 {
+                bail!("split heads: rope needs an even head size, got {d}");
+            }
+        }
+        Ok((b, t, self.n, d))
+    }
+
+    /// Run `f` with the tables' data (and batch size), if any.
+    fn with_tabs<E: WithDType, R>(
+        &self,
+        f: impl FnOnce(Option<(&[E], &[E], usize)>) -> Result<R>,
+    ) -> Result<R> {
+        match &self.rope {
+            None => f(None),
+            Some((c, s)) => with_data::<E, _>(c, |cs| {
+                with_data::<E, _>(s, |ss| f(Some((cs, ss, c.dims()[0]))))
+            }),
+        }
+    }
+}
+
+impl CustomOp1 for SplitHeads {
+    fn name(&self) -> &'static str {
+        "fused-split-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims @ (b, t, n, d) = self.dims(l.shape())?;
+        let out = by_float!(s.dtype(), |E| {
+            let x = contiguous_slice::<E>(s, l)?;
+            E::to_cpu_storage_owned(self.with_tabs::<E, _>(|tabs| Ok(split_fwd(x, dims, tabs)))?)
+        });
+        Ok((out, Shape::from((b, n, t, d))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if !x.track_op() {
+            return Ok(None);
+        }
+        let dims = self.dims(x.shape())?;
+        by_float!(x.dtype(), |E| {
+            let dx = with_data::<E, _>(g, |gs| {
+                self.with_tabs::<E, _>(|tabs| Ok(split_bwd(gs, dims, tabs)))
+            })?;
+            Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        })
+    }
+}
+
+impl CustomOp1 for MergeHeads {
+    fn name(&self) -> &'static str {
+        "fused-merge-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, n, t, d) = l.shape().dims4()?;
+        if n != self.n {
+            bail!("merge heads: {n} heads, expected {}", self.n);
+        }
+        // Merging is splitting's backward without a rotation.
+        let out = by_float!(s.dtype(), |E| {
+            let x = contiguous_slice::<E>(s, l)?;
+            E::to_cpu_storage_owned(split_bwd(x, (b, t, n, d), None))
+        });
+        Ok((out, Shape::from((b, t, n * d))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if !x.track_op() {
+            return Ok(None);
+        }
+        let (b, n, t, d) = x.dims4()?;
+        by_float!(x.dtype(), |E| {
+            let dx = with_data::<E, _>(g, |gs| Ok(split_fwd(gs, (b, t, n, d), None)))?;
+            Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        })
+    }
+}
+
+fn fused_ok(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// (B, T, n·D) → (B, n, T, D) contiguous, with RoPE (`rope` = (cos, sin),
+/// each (1|B, 1, T, D)) applied when given.
+pub fn split_heads(x: &Tensor, n: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    let tables_ok = rope.is_none_or(|(c, s)| c.dtype() == x.dtype() && s.dtype() == x.dtype());
+    if !fused_ok(x) || !tables_ok {
+        return composite::split_heads(x, n, rope);
+    }
+    let rope = match rope {
+        Some((c, s)) => Some((c.contiguous()?, s.contiguous()?)),
+        None => None,
+    };
+    x.contiguous()?.apply_op1(SplitHeads { n, rope })
+}
+
+/// (B, n, T, D) → (B, T, n·D).
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (_, n, _, _) = x.dims4()?;
+    if !fused_ok(x) {
+        return composite::merge_heads(x);
+    }
+    x.contiguous()?.apply_op1(MergeHeads { n })
+}
+
+/// The same maths as candle ops: any device and dtype; the tests' reference.
+pub mod composite {
+    use candle_core::{Result, Tensor, D};
+
+    /// Rotary embedding, non-interleaved (HF `rotate_half`): `x cos +
+    /// rot(x) sin`, as candle's `rope_slow` but with the tables prepared
+    /// once per forward.
+    pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    }
+
+    pub fn split_heads(x: &Tensor, n: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        let (b, t, nd) = x.dims3()?;
+        let h = x.reshape((b, t, n, nd / n))?.transpose(1, 2)?.contiguous()?;
+        match rope {
+            None => Ok(h),
+            Some((c, s)) => self::rope(&h, c, s),
+        }
+    }
+
+    pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+        let (b, n, t, d) = x.dims4()?;
+        x.transpose(1, 2)?.reshape((b, t, n * d))
+    }
+}
