@@ -620,3 +620,67 @@ fn split_heads_with_rope_matches_composite_and_finite_differences() {
     let x5 = randn(&mut r, &[1, t, 5], 1.0, DType::F64).unwrap();
     assert!(fh::split_heads(&x5, 1, Some((&odd, &odd))).is_err());
 }
+
+// ---------------------------------------------------------- attention core
+
+#[test]
+fn attention_core_matches_composite_and_finite_differences() {
+    let mut r = rng(41);
+    let (b, t, d) = (2, 6, 4);
+    // Block-diagonal additive mask for two packed segments per row.
+    let seg: Vec<f64> = (0..b)
+        .flat_map(|bi| (0..t).flat_map(move |i| (0..t).map(move |j| (bi, i, j))))
+        .map(|(bi, i, j)| {
+            let cut = 2 + bi;
+            if (i < cut) == (j < cut) {
+                0.0
+            } else {
+                f64::NEG_INFINITY
+            }
+        })
+        .collect();
+    let packed = Tensor::from_vec(seg, (b, 1, t, t), &Device::Cpu).unwrap();
+    let cases: Vec<(&str, usize, usize, AttnMask, Option<Tensor>)> = vec![
+        ("causal MHA", 3, 3, AttnMask::causal(), None),
+        ("causal GQA 4/2", 4, 2, AttnMask::causal(), None),
+        (
+            "sliding window 3, MQA",
+            2,
+            1,
+            AttnMask {
+                causal: true,
+                window: Some(3),
+                key_start: None,
+            },
+            None,
+        ),
+        (
+            "left padding",
+            2,
+            2,
+            AttnMask {
+                causal: true,
+                window: None,
+                key_start: Some(vec![0, 2]),
+            },
+            None,
+        ),
+        ("packed segments", 2, 1, AttnMask::causal(), Some(packed)),
+    ];
+    for (name, h, g, mask, add) in cases {
+        let q = randn(&mut r, &[b, h, t, d], 1.0, DType::F64).unwrap();
+        let k = randn(&mut r, &[b, g, t, d], 1.0, DType::F64).unwrap();
+        let v = randn(&mut r, &[b, g, t, d], 1.0, DType::F64).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        check_op(
+            &format!("attention ({name})"),
+            &[q, k, v],
+            &|xs| fz::attention(&xs[0], &xs[1], &xs[2], scale, &mask, add.as_ref()),
+            &|xs| composite::attention(&xs[0], &xs[1], &xs[2], scale, &mask, add.as_ref()),
+        );
+    }
+    // Shapes that do not fit are errors.
+    let q = randn(&mut r, &[1, 3, t, d], 1.0, DType::F32).unwrap();
+    let k = randn(&mut r, &[1, 2, t, d], 1.0, DType::F32).unwrap();
+    assert!(fz::attention(&q, &k, &k, 1.0, &AttnMask::causal(), None).is_err());
+}

@@ -75,9 +75,43 @@ pub(crate) fn parallelism() -> Parallelism {
 /// `dst (m, n) = [dst +] beta · lhs (m, k) · rhs (k, n)`; `dst` contiguous.
 /// With `acc = false` the old contents are never read, so `dst` may be
 /// uninitialised.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into<E: GemmElem>(
     dst: &mut [MaybeUninit<E>],
+    acc: bool,
+    mnk: (usize, usize, usize),
+    lhs: Mat<E>,
+    rhs: Mat<E>,
+    beta: f64,
+    par: Parallelism,
+) -> Result<()> {
+    if dst.len() < mnk.0 * mnk.1 {
+        bail!("fused op: gemm destination is smaller than its shape");
+    }
+    // SAFETY: `dst` holds m·n elements with row stride n.
+    unsafe { gemm_raw(dst.as_mut_ptr() as *mut E, mnk.1, acc, mnk, lhs, rhs, beta, par) }
+}
+
+/// Elements a strided (rows, cols) view reaches.
+fn span<E>(rows: usize, cols: usize, a: &Mat<E>) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * a.rs + (cols - 1) * a.cs + 1
+    }
+}
+
+/// [`gemm_into`] into a raw destination with row stride `dst_rs`, for
+/// callers that write disjoint column bands of one buffer from several
+/// threads.
+///
+/// # Safety
+/// `dst` must be valid for writes (and, with `acc`, reads of initialised
+/// values) at `i · dst_rs + j` for all i < m, j < n, and no other thread may
+/// touch those elements meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_raw<E: GemmElem>(
+    dst: *mut E,
+    dst_rs: usize,
     acc: bool,
     (m, n, k): (usize, usize, usize),
     lhs: Mat<E>,
@@ -85,31 +119,22 @@ pub(crate) fn gemm_into<E: GemmElem>(
     beta: f64,
     par: Parallelism,
 ) -> Result<()> {
-    let span = |rows: usize, cols: usize, a: &Mat<E>| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * a.rs + (cols - 1) * a.cs + 1
-        }
-    };
-    if dst.len() < m * n || lhs.data.len() < span(m, k, &lhs) || rhs.data.len() < span(k, n, &rhs)
-    {
-        bail!("fused linear: gemm operands are smaller than their shapes");
+    if lhs.data.len() < span(m, k, &lhs) || rhs.data.len() < span(k, n, &rhs) {
+        bail!("fused op: gemm operands are smaller than their shapes");
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
-    // SAFETY: the bounds were checked above; gemm reads `lhs`/`rhs` within
-    // those spans and writes (and, with `acc`, reads) `dst` within m·n, which
-    // is initialised whenever `acc` is set.
+    // SAFETY: operand bounds were checked above, the destination's are the
+    // caller's contract.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr() as *mut E,
+            dst,
             1,
-            n as isize,
+            dst_rs as isize,
             acc,
             lhs.data.as_ptr(),
             lhs.cs as isize,

@@ -621,8 +621,8 @@ impl Model {
     ) -> Result<Tensor> {
         let layer = &self.layers[l];
         let h = rms_norm(x, &layer.input_norm, self.cfg.rms_norm_eps)?;
-        let (a, probs) = self.attention(&layer.attn, &h, ctx, fwd, cache)?;
-        if let Some(obs) = observer {
+        let (a, probs) = self.attention(&layer.attn, &h, ctx, fwd, cache, observer.is_some())?;
+        if let (Some(obs), Some(probs)) = (observer, probs) {
             obs(l, &probs)?;
         }
         let x = (x + a)?;
@@ -633,7 +633,8 @@ impl Model {
         Ok((x + m.down.forward(&fused::swiglu(&g, &u)?, fwd)?)?)
     }
 
-    /// Returns the attention output and the probabilities (B, heads, t, keys).
+    /// Returns the attention output and, when `want_probs`, the
+    /// probabilities (B, heads, t, keys).
     fn attention(
         &self,
         a: &Attention,
@@ -641,7 +642,8 @@ impl Model {
         ctx: &Context,
         fwd: &mut Fwd,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<(Tensor, Tensor)> {
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let c = &self.cfg;
         let (cos, sin) = (&ctx.cos, &ctx.sin);
         // Split into heads with RoPE applied (one op each on the CPU:
@@ -650,6 +652,12 @@ impl Model {
         let q = split_heads(&a.q.forward(x, fwd)?, c.num_heads, rope)?;
         let mut k = split_heads(&a.k.forward(x, fwd)?, c.num_kv_heads, rope)?;
         let mut v = split_heads(&a.v.forward(x, fwd)?, c.num_kv_heads, None)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        if cache.is_none() && !want_probs {
+            // Training and plain forwards: one op (fused::attention).
+            let y = fused::attention(&q, &k, &v, scale, &ctx.mask, ctx.additive.as_ref())?;
+            return Ok((a.o.forward(&y, fwd)?, None));
+        }
         // Generation: prepend the cached keys/values (stored before repeat_kv).
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
@@ -661,13 +669,12 @@ impl Model {
         let rep = c.num_heads / c.num_kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
         let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
         // Scale, mask and softmax in one pass, in f32 as transformers' eager
         // attention does (fused::attn_softmax; composite ops off the CPU).
         let scores = q.matmul(&k.t()?)?;
         let probs = fused::attn_softmax(&scores, scale, &ctx.mask, ctx.additive.as_ref())?;
         let y = probs.to_dtype(self.dtype)?.matmul(&v)?;
-        Ok((a.o.forward(&merge_heads(&y)?, fwd)?, probs))
+        Ok((a.o.forward(&merge_heads(&y)?, fwd)?, Some(probs)))
     }
 
     /// cos/sin tables (B, 1, t, head_dim) in the weight dtype for positions
