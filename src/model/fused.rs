@@ -20,14 +20,14 @@
 //! into uninitialised buffers instead of zeroed ones (`build`, the only
 //! `unsafe` besides the feature-gated calls).
 
-use candle_core::backend::BackendStorage;
 use crate::model::fused_linear::{gemm_into, gemm_raw, GemmElem, Mat};
+use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
-    WithDType, D,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape,
+    Storage, Tensor, WithDType, D,
 };
-use half::{bf16, f16};
 use gemm::Parallelism;
+use half::{bf16, f16};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
@@ -1192,19 +1192,28 @@ impl AttnCore {
         }
         if let Some(ks) = &self.mask.key_start {
             if ks.len() != b {
-                bail!("attention: key_start has {} entries for batch {b}", ks.len());
+                bail!(
+                    "attention: key_start has {} entries for batch {b}",
+                    ks.len()
+                );
             }
         }
         if let Some(m) = &self.additive {
             let (mb, mh, mt, mk) = m.dims4()?;
             if (mt, mk) != (t, t) || (mb != 1 && mb != b) || (mh != 1 && mh != h) {
-                bail!("attention: mask {:?} does not fit ({b}, {h}, {t}, {t})", m.dims());
+                bail!(
+                    "attention: mask {:?} does not fit ({b}, {h}, {t}, {t})",
+                    m.dims()
+                );
             }
         }
         Ok(CoreDims { b, h, g, t, d })
     }
 
-    fn with_additive<R: WithDType, T>(&self, f: impl FnOnce(Additive<R>) -> Result<T>) -> Result<T> {
+    fn with_additive<R: WithDType, T>(
+        &self,
+        f: impl FnOnce(Additive<R>) -> Result<T>,
+    ) -> Result<T> {
         match &self.additive {
             None => f(None),
             Some(m) => {
@@ -1285,7 +1294,6 @@ impl AttnCore {
     }
 }
 
-
 impl AttnCore {
     /// Backward: (dq, dk, dv) from the saved probabilities `p` and the
     /// output gradient `dy` (B, T, H·D). Per (batch, kv head): for each of
@@ -1328,7 +1336,15 @@ impl AttnCore {
                                 cs: 1,
                             };
                             let acc = j > 0;
-                            gemm_into(dvc, acc, (t, d, t), Mat::t(pb, t), dyb, 1.0, Parallelism::None)?;
+                            gemm_into(
+                                dvc,
+                                acc,
+                                (t, d, t),
+                                Mat::t(pb, t),
+                                dyb,
+                                1.0,
+                                Parallelism::None,
+                            )?;
                             dp.clear();
                             gemm_into(
                                 &mut dp.spare_capacity_mut()[..tt],
@@ -1345,7 +1361,13 @@ impl AttnCore {
                             for (i, o) in ds.spare_capacity_mut()[..tt].chunks_mut(t).enumerate() {
                                 let (lo, up) = self.mask.range(bi, i, t, t);
                                 let row = i * t;
-                                attn_bwd_row(&pb[row + lo..row + up], &dp[row + lo..row + up], o, lo, scale);
+                                attn_bwd_row(
+                                    &pb[row + lo..row + up],
+                                    &dp[row + lo..row + up],
+                                    o,
+                                    lo,
+                                    scale,
+                                );
                             }
                             // SAFETY: attn_bwd_row wrote every element of each row.
                             unsafe { ds.set_len(tt) };
@@ -1449,7 +1471,11 @@ impl CustomOp3 for AttnCore {
             let keep = |on: bool, g: Vec<R>, like: &Tensor| -> Result<Option<Tensor>> {
                 on.then(|| cpu_tensor(g, like.shape())).transpose()
             };
-            Ok((keep(need.0, dq, q)?, keep(need.1, dk, k)?, keep(need.2, dv, v)?))
+            Ok((
+                keep(need.0, dq, q)?,
+                keep(need.1, dk, k)?,
+                keep(need.2, dv, v)?,
+            ))
         })
     }
 }

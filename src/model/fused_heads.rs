@@ -18,7 +18,10 @@ use rayon::prelude::*;
 use std::ops::{Add, Mul, Neg};
 
 /// The arithmetic the permutation + rotation kernels need.
-trait F: WithDType + Copy + Send + Sync + Mul<Output = Self> + Add<Output = Self> + Neg<Output = Self> {}
+trait F:
+    WithDType + Copy + Send + Sync + Mul<Output = Self> + Add<Output = Self> + Neg<Output = Self>
+{
+}
 impl F for f32 {}
 impl F for f64 {}
 
@@ -150,16 +153,22 @@ macro_rules! by_float {
 impl SplitHeads {
     fn dims(&self, shape: &Shape) -> Result<(usize, usize, usize, usize)> {
         let (b, t, nd) = shape.dims3()?;
-        if self.n == 0 || nd % self.n != 0 {
-            bail!("split heads: {nd} features do not split into {} heads", self.n);
+        if self.n == 0 || !nd.is_multiple_of(self.n) {
+            bail!(
+                "split heads: {nd} features do not split into {} heads",
+                self.n
+            );
         }
         let d = nd / self.n;
         if let Some((c, _)) = &self.rope {
             let (tb, one, tt, td) = c.dims4()?;
             if one != 1 || tt != t || td != d || (tb != 1 && tb != b) {
-                bail!("split heads: rope tables {:?} do not fit ({b}, {t}, {d})", c.dims());
+                bail!(
+                    "split heads: rope tables {:?} do not fit ({b}, {t}, {d})",
+                    c.dims()
+                );
             }
-            if d % 2 != 0 {
+            if !d.is_multiple_of(2) {
                 bail!("split heads: rope needs an even head size, got {d}");
             }
         }
@@ -282,7 +291,10 @@ pub mod composite {
 
     pub fn split_heads(x: &Tensor, n: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
         let (b, t, nd) = x.dims3()?;
-        let h = x.reshape((b, t, n, nd / n))?.transpose(1, 2)?.contiguous()?;
+        let h = x
+            .reshape((b, t, n, nd / n))?
+            .transpose(1, 2)?
+            .contiguous()?;
         match rope {
             None => Ok(h),
             Some((c, s)) => self::rope(&h, c, s),

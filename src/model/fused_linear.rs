@@ -88,7 +88,18 @@ pub(crate) fn gemm_into<E: GemmElem>(
         bail!("fused op: gemm destination is smaller than its shape");
     }
     // SAFETY: `dst` holds m·n elements with row stride n.
-    unsafe { gemm_raw(dst.as_mut_ptr() as *mut E, mnk.1, acc, mnk, lhs, rhs, beta, par) }
+    unsafe {
+        gemm_raw(
+            dst.as_mut_ptr() as *mut E,
+            mnk.1,
+            acc,
+            mnk,
+            lhs,
+            rhs,
+            beta,
+            par,
+        )
+    }
 }
 
 /// Elements a strided (rows, cols) view reaches.
@@ -176,7 +187,10 @@ pub(crate) fn as_uninit<E>(v: &mut [E]) -> &mut [MaybeUninit<E>] {
 }
 
 /// The contiguous CPU slice of a tensor's storage.
-pub(crate) fn slice_of<E: WithDType, R>(t: &Tensor, f: impl FnOnce(&[E]) -> Result<R>) -> Result<R> {
+pub(crate) fn slice_of<E: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[E]) -> Result<R>,
+) -> Result<R> {
     let (st, l) = t.storage_and_layout();
     let Storage::Cpu(cs) = &*st else {
         bail!("fused op: tensor is not on the cpu")
@@ -237,12 +251,28 @@ impl LoraLinear {
         let xd = dropped(x, &self.mask, &mut keep);
         // u = dropout(x) Aᵀ (m, r), then y = x Wᵀ + s · u Bᵀ.
         let u = build(m * r, |u| {
-            gemm_into(u, false, (m, r, k), Mat::rows(xd, k), Mat::t(a, k), 1.0, par)
+            gemm_into(
+                u,
+                false,
+                (m, r, k),
+                Mat::rows(xd, k),
+                Mat::t(a, k),
+                1.0,
+                par,
+            )
         })?;
         slice_of::<E, _>(&self.w, |w| {
             build(m * n, |y| {
                 gemm_into(y, false, (m, n, k), Mat::rows(x, k), Mat::t(w, k), 1.0, par)?;
-                gemm_into(y, true, (m, n, r), Mat::rows(&u, r), Mat::t(b, r), self.scale, par)
+                gemm_into(
+                    y,
+                    true,
+                    (m, n, r),
+                    Mat::rows(&u, r),
+                    Mat::t(b, r),
+                    self.scale,
+                    par,
+                )
             })
         })
     }
@@ -260,11 +290,27 @@ impl LoraLinear {
         let xd = dropped(x, &self.mask, &mut keep);
         // v = g B (m, r): the gradient reaching u, shared by dA and dx.
         let v = build(m * r, |v| {
-            gemm_into(v, false, (m, r, n), Mat::rows(g, n), Mat::rows(b, r), 1.0, par)
+            gemm_into(
+                v,
+                false,
+                (m, r, n),
+                Mat::rows(g, n),
+                Mat::rows(b, r),
+                1.0,
+                par,
+            )
         })?;
         let db = if need.2 {
             let u = build(m * r, |u| {
-                gemm_into(u, false, (m, r, k), Mat::rows(xd, k), Mat::t(a, k), 1.0, par)
+                gemm_into(
+                    u,
+                    false,
+                    (m, r, k),
+                    Mat::rows(xd, k),
+                    Mat::t(a, k),
+                    1.0,
+                    par,
+                )
             })?;
             // dB = s gᵀ u (n, r)
             Some(build(n * r, |d| {
@@ -285,7 +331,15 @@ impl LoraLinear {
         let dx = if need.0 {
             let mut dx = slice_of::<E, _>(&self.w, |w| {
                 build(m * k, |d| {
-                    gemm_into(d, false, (m, k, n), Mat::rows(g, n), Mat::rows(w, k), 1.0, par)
+                    gemm_into(
+                        d,
+                        false,
+                        (m, k, n),
+                        Mat::rows(g, n),
+                        Mat::rows(w, k),
+                        1.0,
+                        par,
+                    )
                 })
             })?;
             match &self.mask {
@@ -300,7 +354,15 @@ impl LoraLinear {
                 )?,
                 Some(mask) => {
                     let t = build(m * k, |t| {
-                        gemm_into(t, false, (m, k, r), Mat::rows(&v, r), Mat::rows(a, k), 1.0, par)
+                        gemm_into(
+                            t,
+                            false,
+                            (m, k, r),
+                            Mat::rows(&v, r),
+                            Mat::rows(a, k),
+                            1.0,
+                            par,
+                        )
                     })?;
                     for ((d, &t), &mk) in dx.iter_mut().zip(&t).zip(mask) {
                         *d = E::of(d.to_f64() + s * t.to_f64() * mk as f64);
@@ -399,5 +461,6 @@ fn to_tensor<E: WithDType>(
     like: &Tensor,
     dev: &candle_core::Device,
 ) -> Result<Option<Tensor>> {
-    v.map(|v| Tensor::from_vec(v, like.shape(), dev)).transpose()
+    v.map(|v| Tensor::from_vec(v, like.shape(), dev))
+        .transpose()
 }
