@@ -681,12 +681,22 @@ fn attention_core_matches_composite_and_finite_differences() {
         check_op(
             &format!("attention ({name})"),
             &[q, k, v],
-            &|xs| fz::attention(&xs[0], &xs[1], &xs[2], scale, &mask, add.as_ref()),
-            &|xs| composite::attention(&xs[0], &xs[1], &xs[2], scale, &mask, add.as_ref()),
+            &|xs| Ok(fz::attention(&xs[0], &xs[1], &xs[2], scale, &mask, add.as_ref(), false)?.0),
+            &|xs| Ok(composite::attention(&xs[0], &xs[1], &xs[2], scale, &mask, add.as_ref())?.0),
         );
+        // The probabilities the scoring pass observes.
+        let qkv: Vec<Tensor> = [&[b, h, t, d], &[b, g, t, d], &[b, g, t, d]]
+            .iter()
+            .map(|s| randn(&mut r, &s[..], 1.0, DType::F32).unwrap())
+            .collect();
+        let (_, p) =
+            fz::attention(&qkv[0], &qkv[1], &qkv[2], scale, &mask, add.as_ref(), true).unwrap();
+        let (_, pr) =
+            composite::attention(&qkv[0], &qkv[1], &qkv[2], scale, &mask, add.as_ref()).unwrap();
+        assert_close(&p.unwrap(), &pr, 1e-6, &format!("attention probs ({name})"));
     }
     // Shapes that do not fit are errors.
     let q = randn(&mut r, &[1, 3, t, d], 1.0, DType::F32).unwrap();
     let k = randn(&mut r, &[1, 2, t, d], 1.0, DType::F32).unwrap();
-    assert!(fz::attention(&q, &k, &k, 1.0, &AttnMask::causal(), None).is_err());
+    assert!(fz::attention(&q, &k, &k, 1.0, &AttnMask::causal(), None, false).is_err());
 }

@@ -1162,8 +1162,9 @@ struct AttnCore {
     /// Additive mask (MB, MH, T, T), MB ∈ {1, B}, MH ∈ {1, H}, contiguous,
     /// the scores' dtype.
     additive: Option<Tensor>,
-    /// The forward's probabilities, for backward.
-    probs: std::sync::Mutex<Option<Tensor>>,
+    /// The forward's probabilities, for backward (and for the scoring
+    /// pass's observer, which holds the other end).
+    probs: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -1482,10 +1483,10 @@ impl CustomOp3 for AttnCore {
 
 /// Causal self-attention `softmax(scale · Q Kᵀ + masks) V` with the heads
 /// merged: q (B, H, T, D), k/v (B, G, T, D) with H a multiple of G → (B, T,
-/// H·D). Masks as [`attn_softmax`] (keys = queries here: no KV cache).
-/// One op with its own backward on the CPU for f32/f64, the composite ops
-/// elsewhere. It does not expose the probabilities: the scoring pass and
-/// generation use the composite route.
+/// H·D), and the probabilities (B, H, T, T) when `want_probs` (the XTF
+/// scoring pass reads them). Masks as [`attn_softmax`] (keys = queries
+/// here: no KV cache). One op with its own backward on the CPU for f32/f64,
+/// the composite ops elsewhere.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -1493,14 +1494,27 @@ pub fn attention(
     scale: f64,
     mask: &AttnMask,
     additive: Option<&Tensor>,
-) -> Result<Tensor> {
+    want_probs: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     let dt = q.dtype();
     let fusable = q.device().is_cpu()
         && matches!(dt, DType::F32 | DType::F64)
         && k.dtype() == dt
         && v.dtype() == dt;
     if !fusable {
-        return composite::attention(q, k, v, scale, mask, additive);
+        // 16-bit or off the CPU: candle's matmuls around the softmax kernel
+        // (which itself falls back to the composite off the CPU).
+        let (b, h, t, d) = q.dims4()?;
+        let rep = h / k.dim(1)?;
+        let k = candle_transformers::utils::repeat_kv(k.clone(), rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v.clone(), rep)?.contiguous()?;
+        let p = attn_softmax(&q.matmul(&k.t()?)?, scale, mask, additive)?;
+        let y = p
+            .to_dtype(v.dtype())?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        return Ok((y, want_probs.then_some(p)));
     }
     let additive = match additive {
         None => None,
@@ -1513,14 +1527,22 @@ pub fn attention(
             Some(m.contiguous()?)
         }
     };
+    let probs = std::sync::Arc::new(std::sync::Mutex::new(None));
     let op = AttnCore {
         scale,
         mask: mask.clone(),
         additive,
-        probs: std::sync::Mutex::new(None),
+        probs: probs.clone(),
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    let y = q
+        .contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+    let p = if want_probs {
+        probs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    } else {
+        None
+    };
+    Ok((y, p))
 }
 
 // ---------------------------------------------------------------------------
@@ -1737,7 +1759,7 @@ pub mod composite {
     use super::AttnMask;
 
     /// [`super::attention`] as candle ops: repeat the k/v heads, two
-    /// matmuls around [`attn_softmax`], merge the heads.
+    /// matmuls around [`attn_softmax`], merge the heads; (output, probs).
     pub fn attention(
         q: &Tensor,
         k: &Tensor,
@@ -1745,16 +1767,18 @@ pub mod composite {
         scale: f64,
         mask: &AttnMask,
         additive: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         let (b, h, t, d) = q.dims4()?;
         let rep = h / k.dim(1)?;
         let k = candle_transformers::utils::repeat_kv(k.clone(), rep)?.contiguous()?;
         let v = candle_transformers::utils::repeat_kv(v.clone(), rep)?.contiguous()?;
         let p = attn_softmax(&q.matmul(&k.t()?)?, scale, mask, additive)?;
-        p.to_dtype(v.dtype())?
+        let y = p
+            .to_dtype(v.dtype())?
             .matmul(&v)?
             .transpose(1, 2)?
-            .reshape((b, t, h * d))
+            .reshape((b, t, h * d))?;
+        Ok((y, p))
     }
     use candle_core::{bail, DType, Result, Tensor, D};
 

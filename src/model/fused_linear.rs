@@ -23,7 +23,15 @@ use gemm::Parallelism;
 use std::mem::MaybeUninit;
 
 /// The element types gemm and this op handle.
-pub(crate) trait GemmElem: WithDType + Copy + Send + Sync + 'static {
+pub(crate) trait GemmElem:
+    WithDType
+    + Copy
+    + Send
+    + Sync
+    + 'static
+    + std::ops::Mul<Output = Self>
+    + std::ops::Add<Output = Self>
+{
     fn of(v: f64) -> Self;
 }
 impl GemmElem for f32 {
@@ -217,7 +225,7 @@ fn dropped<'a, E: GemmElem>(x: &'a [E], mask: &Option<Vec<f32>>, keep: &'a mut V
             *keep = x
                 .iter()
                 .zip(m)
-                .map(|(&a, &b)| E::of(a.to_f64() * b as f64))
+                .map(|(&a, &b)| a * E::of(b as f64))
                 .collect();
             keep
         }
@@ -365,7 +373,7 @@ impl LoraLinear {
                         )
                     })?;
                     for ((d, &t), &mk) in dx.iter_mut().zip(&t).zip(mask) {
-                        *d = E::of(d.to_f64() + s * t.to_f64() * mk as f64);
+                        *d = *d + t * E::of(s * mk as f64);
                     }
                 }
             }

@@ -653,10 +653,18 @@ impl Model {
         let mut k = split_heads(&a.k.forward(x, fwd)?, c.num_kv_heads, rope)?;
         let mut v = split_heads(&a.v.forward(x, fwd)?, c.num_kv_heads, None)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        if cache.is_none() && !want_probs {
-            // Training and plain forwards: one op (fused::attention).
-            let y = fused::attention(&q, &k, &v, scale, &ctx.mask, ctx.additive.as_ref())?;
-            return Ok((a.o.forward(&y, fwd)?, None));
+        if cache.is_none() {
+            // Training, scoring and plain forwards: one op (fused::attention).
+            let (y, probs) = fused::attention(
+                &q,
+                &k,
+                &v,
+                scale,
+                &ctx.mask,
+                ctx.additive.as_ref(),
+                want_probs,
+            )?;
+            return Ok((a.o.forward(&y, fwd)?, probs));
         }
         // Generation: prepend the cached keys/values (stored before repeat_kv).
         if let Some(slot) = cache {
