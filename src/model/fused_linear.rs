@@ -30,7 +30,7 @@ pub(crate) trait GemmElem:
     + Sync
     + 'static
     + std::ops::Mul<Output = Self>
-    + std::ops::Add<Output = Self>
+    + std::ops::AddAssign
 {
     fn of(v: f64) -> Self;
 }
@@ -373,7 +373,7 @@ impl LoraLinear {
                         )
                     })?;
                     for ((d, &t), &mk) in dx.iter_mut().zip(&t).zip(mask) {
-                        *d = *d + t * E::of(s * mk as f64);
+                        *d += t * E::of(s * mk as f64);
                     }
                 }
             }
