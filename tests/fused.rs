@@ -700,3 +700,22 @@ fn attention_core_matches_composite_and_finite_differences() {
     let k = randn(&mut r, &[1, 2, t, d], 1.0, DType::F32).unwrap();
     assert!(fz::attention(&q, &k, &k, 1.0, &AttnMask::causal(), None, false).is_err());
 }
+
+#[test]
+fn trainable_linear_matches_matmul_and_finite_differences() {
+    let mut r = rng(23);
+    let x = randn(&mut r, &[2, 5, 12], 1.0, DType::F64).unwrap();
+    let w = randn(&mut r, &[7, 12], 0.5, DType::F64).unwrap();
+    check_op(
+        "trainable linear",
+        &[x, w],
+        &|xs| {
+            let x2 = xs[0].reshape((10, 12))?;
+            assert!(xtf_train::model::linear::trainable_fusable(&x2, &xs[1]));
+            Linear::new(xs[1].clone(), None, false)
+                .forward(&xs[0], &mut Fwd::default())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        },
+        &|xs| xs[0].broadcast_matmul(&xs[1].t()?),
+    );
+}

@@ -18,19 +18,15 @@
 //! the reference the tests compare against.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, WithDType,
+};
 use gemm::Parallelism;
 use std::mem::MaybeUninit;
 
 /// The element types gemm and this op handle.
 pub(crate) trait GemmElem:
-    WithDType
-    + Copy
-    + Send
-    + Sync
-    + 'static
-    + std::ops::Mul<Output = Self>
-    + std::ops::AddAssign
+    WithDType + Copy + Send + Sync + 'static + std::ops::Mul<Output = Self> + std::ops::AddAssign
 {
     fn of(v: f64) -> Self;
 }
@@ -471,4 +467,97 @@ fn to_tensor<E: WithDType>(
 ) -> Result<Option<Tensor>> {
     v.map(|v| Tensor::from_vec(v, like.shape(), dev))
         .transpose()
+}
+
+/// A trainable linear layer's `x Wᵀ` (full fine-tuning): x (m, k), W (n, k).
+///
+/// Why not candle's matmul: `x.matmul(&w.t())` adds a transpose node, so
+/// W's gradient arrives transposed and candle's backward adds it into a
+/// zeroed W-sized buffer with a strided read; candle also zero-fills every
+/// matmul output first. Here `dW = gᵀ x` is written once, contiguous.
+pub(crate) struct TrainableMatmul;
+
+impl CustomOp2 for TrainableMatmul {
+    fn name(&self) -> &'static str {
+        "fused-matmul-wt"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, kw) = l2.shape().dims2()?;
+        if k != kw {
+            bail!("fused matmul: input has {k} features, weight expects {kw}");
+        }
+        let y = by_float!(s1.dtype(), |E| {
+            let x = storage_slice::<E>(s1, l1)?;
+            let w = storage_slice::<E>(s2, l2)?;
+            let par = parallelism();
+            E::to_cpu_storage_owned(build(m * n, |y| {
+                gemm_into(y, false, (m, n, k), Mat::rows(x, k), Mat::t(w, k), 1.0, par)
+            })?)
+        });
+        Ok((y, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let (n, _) = w.dims2()?;
+        let g = g.contiguous()?;
+        let dev = x.device();
+        let par = parallelism();
+        by_float!(x.dtype(), |E| {
+            slice_of::<E, _>(x, |xs| {
+                slice_of::<E, _>(w, |ws| {
+                    slice_of::<E, _>(&g, |gs| {
+                        // dx = g W (m, k); dW = gᵀ x (n, k)
+                        let dx = x
+                            .track_op()
+                            .then(|| {
+                                build(m * k, |d| {
+                                    gemm_into(
+                                        d,
+                                        false,
+                                        (m, k, n),
+                                        Mat::rows(gs, n),
+                                        Mat::rows(ws, k),
+                                        1.0,
+                                        par,
+                                    )
+                                })
+                            })
+                            .transpose()?;
+                        let dw = w
+                            .track_op()
+                            .then(|| {
+                                build(n * k, |d| {
+                                    gemm_into(
+                                        d,
+                                        false,
+                                        (n, k, m),
+                                        Mat::t(gs, n),
+                                        Mat::rows(xs, k),
+                                        1.0,
+                                        par,
+                                    )
+                                })
+                            })
+                            .transpose()?;
+                        Ok((to_tensor(dx, x, dev)?, to_tensor(dw, w, dev)?))
+                    })
+                })
+            })
+        })
+    }
 }

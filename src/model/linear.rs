@@ -221,6 +221,9 @@ impl Linear {
             x2.apply_op1(FrozenMatmul {
                 w: self.weight.clone(),
             })?
+        } else if trainable_fusable(&x2, &self.weight) {
+            x2.contiguous()?
+                .apply_op2(&self.weight, crate::model::fused_linear::TrainableMatmul)?
         } else {
             x2.matmul(&self.weight.t()?)?
         };
@@ -244,6 +247,15 @@ impl Linear {
         *out.last_mut().unwrap_or(&mut 0) = self.out_dim();
         Ok(y.reshape(out)?)
     }
+}
+
+/// Full fine-tuning's `x Wᵀ` runs as one op on the CPU for contiguous
+/// f32/f64 weights ([`crate::model::fused_linear::TrainableMatmul`]).
+pub fn trainable_fusable(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && w.dtype() == x.dtype()
+        && w.is_contiguous()
 }
 
 /// Inverted dropout mask from our seeded RNG (candle's CPU RNG cannot be seeded).
