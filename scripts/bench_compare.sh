@@ -8,6 +8,8 @@
 # embedded default's shape, batch 8 x 256 as configs/tiny.toml) and both
 # methods (LoRA, full), our step and then PyTorch's, one process each, so the
 # two sides of a ratio are measured minutes apart on the same machine.
+# Last, both sides' matmul GFLOP/s on the bench model's shapes
+# (benches/matmul.rs, bench_torch.py --matmul): the ceiling of the step.
 # Run on an otherwise idle machine: both sides use every core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,7 @@ steps=${1:-5}
 rounds=${2:-1}
 py=${PYTHON:-python3}
 cargo bench --bench train_step --no-run -q
+cargo bench --bench matmul --no-run -q
 for round in $(seq 1 "$rounds"); do
   for size in bench tiny; do
     if [ "$size" = tiny ]; then shape=(--batch 8 --seq 256); else shape=(--batch 4 --seq 256); fi
@@ -32,3 +35,14 @@ PY
     done
   done
 done
+# The ceiling both sides work under: matmul GFLOP/s on the bench model's shapes.
+cargo bench -q --bench matmul 2>/dev/null > "${TMPDIR:-/tmp}/xtf_matmul_ours.jsonl"
+"$py" scripts/bench_torch.py --matmul 2>/dev/null > "${TMPDIR:-/tmp}/xtf_matmul_torch.jsonl"
+"$py" - "${TMPDIR:-/tmp}/xtf_matmul_ours.jsonl" "${TMPDIR:-/tmp}/xtf_matmul_torch.jsonl" <<'PY'
+import json, sys
+ours = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+theirs = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+for a, b in zip(ours, theirs):
+    print(f"matmul {a['m']}x{a['k']}x{a['n']}: xtf-train (gemm) {a['gflops']:6.1f} GFLOP/s | "
+          f"torch {b['gflops']:6.1f} GFLOP/s | ratio {a['gflops'] / b['gflops']:.2f}x", flush=True)
+PY

@@ -28,6 +28,7 @@ Run:
     python3 scripts/bench_torch.py --method lora [--size bench|tiny] [--batch 4] [--seq 256]
         [--steps 5] [--warmup 2] [--threads N] [--attn eager|sdpa]
     python3 scripts/bench_torch.py --method full
+    python3 scripts/bench_torch.py --matmul     # GFLOP/s on benches/matmul.rs's shapes, one JSON line each
 """
 
 import argparse
@@ -67,6 +68,24 @@ def build(method, attn, size):
     return model
 
 
+# benches/matmul.rs's SHAPES: (m, k, n).
+MATMUL_SHAPES = [(1024, 512, 512), (1024, 512, 1376), (1024, 1376, 512), (1024, 512, 2048), (256, 64, 256)]
+
+
+def matmul(threads, iters=30):
+    """GFLOP/s of a (m, k) x (k, n) f32 matmul per shape, one JSON line each."""
+    for m, k, n in MATMUL_SHAPES:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            a @ b
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        s = (time.perf_counter() - t0) / iters
+        print(json.dumps({"impl": "torch", "m": m, "k": k, "n": n, "gflops": 2 * m * k * n / s / 1e9,
+                          "threads": threads}))
+
+
 def main():
     ap = argparse.ArgumentParser(description="PyTorch eager CPU training benchmark (see module docstring)")
     ap.add_argument("--method", choices=["lora", "full"], default="lora")
@@ -78,11 +97,14 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--attn", choices=["eager", "sdpa"], default="eager")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--matmul", action="store_true", help="time benches/matmul.rs's shapes instead")
     args = ap.parse_args()
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
+    if args.matmul:
+        return matmul(threads)
 
     model = build(args.method, args.attn, args.size)
     vocab = SIZES[args.size]["vocab_size"]
