@@ -141,3 +141,69 @@ fn state_round_trips_through_save_and_load() {
         b.as_tensor().to_vec1::<f32>().unwrap()
     );
 }
+
+#[test]
+fn fused_update_equals_the_candle_op_path() {
+    use rand::{Rng, SeedableRng};
+    let dev = Device::Cpu;
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut rand = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    // A matrix (decayed), a vector (not), 40,000 elements to span chunks.
+    let shapes: [&[usize]; 3] = [&[200, 200], &[7], &[3, 5]];
+    let init: Vec<Tensor> = shapes.iter().map(|s| rand(s)).collect();
+    let grads: Vec<Vec<Option<Tensor>>> = (0..4)
+        .map(|_| shapes.iter().map(|s| Some(rand(s))).collect())
+        .collect();
+    let run = |fused: bool| -> (Vec<Vec<f32>>, Vec<f64>) {
+        let vars: Vec<(String, Var)> = init
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                (
+                    format!("p{i}"),
+                    Var::from_tensor(&t.copy().unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let mut opt = AdamW::new(vars.clone(), AdamWParams::default()).unwrap();
+        opt.fused = fused;
+        // Clipping on (max norm 1) and off (0).
+        let norms = grads
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                opt.step(g, 1e-2, if i % 2 == 0 { 1.0 } else { 0.0 })
+                    .unwrap()
+            })
+            .collect();
+        let out = vars
+            .iter()
+            .map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        (out, norms)
+    };
+    let ((pf, nf), (pc, nc)) = (run(true), run(false));
+    for (a, b) in nf.iter().zip(&nc) {
+        assert!((a - b).abs() <= 1e-5 * b, "grad norm {a} vs {b}");
+    }
+    for (a, b) in pf.iter().zip(&pc) {
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        // The clip factor comes from a norm summed in another order: allow
+        // a few ulps of the parameters' scale.
+        assert!(worst <= 1e-6, "fused vs candle-op update differ by {worst}");
+    }
+}
