@@ -59,25 +59,35 @@ fn weights_trainables_and_optimizer_match_the_hand_count() {
 #[test]
 fn activations_match_the_hand_count() {
     // LoRA f32, B 2 × T 8 (N = 16), r 2, no dropout; c = e = 4, no casts;
-    // the fused CPU kernels.
+    // the fused CPU kernels and ops.
     //   norm   16·16·4                                   = 1,024 (twice)
-    //   linears: products 16·128·4 = 8,192 (outputs sum to 128),
-    //     adapters 7·(16·2·4) + 16·128·(8+4) = 25,472 → 33,664
-    //   heads contiguous 16·(4+4)·6·4 = 3,072; RoPE 4.5·16·(4+2)·6·4 = 10,368
-    //   GQA repeat 2·16·24·4 = 3,072; scores S = 2·4·64 = 512 → 512·8 = 4,096
-    //   rest 2·16·24·4 + 2·16·16·4 + 16·24·4 = 6,656
-    //   per layer 2,048 + 33,664 + 3,072 + 10,368 + 3,072 + 4,096 + 6,656 = 62,976
+    //   linears: products 16·128·4 = 8,192 (outputs sum to 128); the
+    //     fused LoRA op keeps nothing else without dropout → 8,192
+    //   heads split (RoPE inside, no GQA repeat) 16·(4+4)·6·4 = 3,072
+    //   attention core: probabilities S = 2·4·64 = 512 → 512·4 = 2,048
+    //   rest 16·24·4 + 2·16·16·4 + 16·24·4 = 5,120
+    //   per layer 2,048 + 8,192 + 3,072 + 2,048 + 5,120 = 20,480
     //   head 1,024 + 16·40·4 + 2·16·4 = 3,712; working 3·max(640, 512)·4 = 7,680
-    //   total 16·16·4 + 2·62,976 + 3,712 + 7,680 = 138,368
+    //   total 16·16·4 + 2·20,480 + 3,712 + 7,680 = 53,376
     let m = small_config("llama");
     let plan = MemoryPlan::estimate(&m, &params(Method::Lora, DType::F32, false));
-    assert_eq!(plan.per_layer, 62_976);
-    assert_eq!(plan.activations, 138_368);
-    assert_eq!(plan.total(), 5_968 * 4 + 1_024 * 12 + 138_368);
+    assert_eq!(plan.per_layer, 20_480);
+    assert_eq!(plan.activations, 53_376);
+    assert_eq!(plan.total(), 5_968 * 4 + 1_024 * 12 + 53_376);
+    // With dropout the fused op keeps its mask, N·in·4 per adapted layer:
+    // inputs sum to 5·16 + 2·24 = 128 → 16·128·4 = 8,192.
+    let drop = MemoryPlan::estimate(
+        &m,
+        &PlanParams {
+            lora_dropout: true,
+            ..params(Method::Lora, DType::F32, false)
+        },
+    );
+    assert_eq!(drop.per_layer, 20_480 + 8_192);
     // Checkpointing: two layer inputs 2·1,024, the recompute's Var copy
-    // 1,024, one layer 62,976, working 7,680 → 73,728.
+    // 1,024, one layer 20,480, working 7,680 → 31,232.
     let ck = MemoryPlan::estimate(&m, &params(Method::Lora, DType::F32, true));
-    assert_eq!(ck.activations, 73_728);
+    assert_eq!(ck.activations, 31_232);
     // Off the CPU, candle's composites: norm 16·16·12 + 4·16·4 = 3,328
     // (twice), attention 4,096 + 7·512·4 + 512 + 2·64·4 = 19,456, SwiGLU
     // 2·16·24·4 = 3,072 → per layer 6,656 + 33,664 + 3,072 + 10,368 + 3,072
@@ -143,6 +153,9 @@ fn activation_formula_tracks_what_the_autograd_graph_holds() {
         .filter(|(at, _)| !params.contains(at) && seen.insert(*at))
         .map(|(_, bytes)| bytes)
         .sum();
+    // The fused attention keeps its probabilities inside the op, where the
+    // graph walk cannot see them: one (B, nh, T, T) f32 tensor per layer.
+    let held = held + m.num_layers * b * m.num_heads * t * t * 4;
     let mut p = params_for(Method::Full, b, t);
     p.lora_targets.clear();
     let plan = MemoryPlan::estimate(&m, &p);
@@ -176,7 +189,9 @@ fn each_term_matches_the_graph_of_its_op() {
     // op alone holds, fused (CPU kernels) and composite (the off-CPU path),
     // f32 and bf16 weights.
     use xtf_train::model::fused::{self, composite, AttnMask};
-    use xtf_train::train::memory::{attn_bytes, head_bytes, norm_bytes, swiglu_bytes};
+    use xtf_train::train::memory::{
+        attn_bytes, attn_core_bytes, head_bytes, norm_bytes, swiglu_bytes,
+    };
     let dev = Device::Cpu;
     let var = |shape: &[usize], dt: DType, seed: u64| {
         let n: usize = shape.iter().product();
@@ -237,6 +252,22 @@ fn each_term_matches_the_graph_of_its_op() {
                 attn_bytes((b * nh * t) as u64, t as u64, e, fused) - untracked,
                 "attention, {what}"
             );
+            // The fused attention core (f32 only): its graph holds the merged
+            // output; the probabilities (attn_core_bytes) live inside the op.
+            if fused && dt == DType::F32 {
+                let vv = var(&[b, nh, t, hd], dt, 8);
+                let (y, probs) = fused::attention(&q, &k, &vv, 0.5, &mask, None, true).unwrap();
+                assert_eq!(
+                    graph_bytes(&y, &[&q, &k, &vv]),
+                    n * (nh * hd) as u64 * e,
+                    "attention core output"
+                );
+                assert_eq!(
+                    probs.unwrap().elem_count() as u64 * e,
+                    attn_core_bytes((b * nh * t) as u64, t as u64, e),
+                    "attention core probabilities"
+                );
+            }
             // Head: logits (the plan's N·V·e, here the input), their f32
             // cast and the cross-entropy; the fused op's logsumexp (N·c)
             // lives inside the op, outside the graph.

@@ -15,17 +15,22 @@
 //!   composite `N·H·(2c + e) + cast(N·H·(c + e)) + 4·N·c`
 //! - q/k/v/o, gate/up/down: the product `N·out·e` (+ bias `N·out·e`); with
 //!   a LoRA adapter also `N·r·c + 2·N·out·c + N·out·e + cast(N·in·c + N·out·e)`
-//!   and, with dropout, `2·N·in·c` (mask and product)
+//!   and, with dropout, `2·N·in·c` (mask and product) — as one fused op
+//!   (CPU, f32/f64) only the dropout mask `N·in·c`
 //! - heads made contiguous: `N·(nh + 2·nkv)·hd·e`; RoPE on q and k:
 //!   `4.5·N·(nh + nkv)·hd·e`; GQA's repeated k and v: `2·N·nh·hd·e` (when
-//!   nkv < nh)
+//!   nkv < nh) — the fused split (CPU, f32/f64) applies RoPE in place of the
+//!   copy and needs no repeat, so only the first term
 //! - attention ([`attn_bytes`]): q·kᵀ `S·e`, its f32 cast, the
 //!   probabilities and their cast back: fused `S·(e + c) + cast(S·(c + e))`;
 //!   the composite keeps `7·S·c + S + 2·B·nh·T·c` more (scale, mask, the
 //!   empty-row guard, softmax's max / subtract / exp / sum / divide, and the
 //!   guard's zeros and boolean mask, held by its op though autograd does
 //!   not track them)
-//! - attention output and its re-layout `2·N·nh·hd·e`; two residual adds
+//!   — the fused attention core (CPU, f32/f64; [`attn_core_bytes`]) keeps
+//!   only the probabilities `S·e`, and its output already merged
+//! - attention output and its re-layout `2·N·nh·hd·e` (`N·nh·hd·e` for the
+//!   fused core); two residual adds
 //!   `2·N·H·e`; SwiGLU ([`swiglu_bytes`]) `N·I·e` fused, `2·N·I·e` composite
 //!
 //! The head ([`head_bytes`]): final RMSNorm, logits `N·V·e` and their f32
@@ -152,12 +157,22 @@ impl MemoryPlan {
         let (b, t) = (p.micro_batch as u64, p.seq_len as u64);
         let n = b * t;
         let norm = norm_bytes(n, h, e, p.fused);
+        // The whole-op CPU kernels (LoRA layer, heads + RoPE, attention core)
+        // take f32/f64 only; 16-bit weights keep the row kernels alone.
+        let ops = p.fused && matches!(p.dtype, DType::F32 | DType::F64);
         let linear_acts: u64 = linears
             .iter()
             .map(|l| {
                 let base = n * l.out * e * if l.bias { 2 } else { 1 };
                 let adapter = match lora(l.name) {
                     false => 0,
+                    true if ops => {
+                        if p.lora_dropout {
+                            n * l.inp * c
+                        } else {
+                            0
+                        }
+                    }
                     true => {
                         n * r * c
                             + 2 * n * l.out * c
@@ -170,11 +185,17 @@ impl MemoryPlan {
             })
             .sum();
         let heads = n * (nh + 2 * nkv) * hd * e;
-        let rope = 9 * n * (nh + nkv) * hd * e / 2;
-        let gqa = if nkv < nh { 2 * n * nh * hd * e } else { 0 };
         let scores = b * nh * t * t;
-        let attn = attn_bytes(b * nh * t, t, e, p.fused);
-        let rest = 2 * n * nh * hd * e + 2 * n * h * e + swiglu_bytes(n * i, e, p.fused);
+        let (rope, gqa, attn, attn_out) = match ops {
+            true => (0, 0, attn_core_bytes(b * nh * t, t, e), n * nh * hd * e),
+            false => (
+                9 * n * (nh + nkv) * hd * e / 2,
+                if nkv < nh { 2 * n * nh * hd * e } else { 0 },
+                attn_bytes(b * nh * t, t, e, p.fused),
+                2 * n * nh * hd * e,
+            ),
+        };
+        let rest = attn_out + 2 * n * h * e + swiglu_bytes(n * i, e, p.fused);
         let per_layer = 2 * norm + linear_acts + heads + rope + gqa + attn + rest;
         let head = norm + head_bytes(n, v, e, p.fused);
         let working = 3 * (n * v).max(scores) * c;
@@ -234,6 +255,13 @@ pub fn attn_bytes(rows: u64, keys: u64, e: u64, fused: bool) -> u64 {
         7 * s * C + s + 2 * rows * C
     };
     s * (e + C) + cast(e, s * (C + e)) + composite
+}
+
+/// Bytes the fused attention core ([`crate::model::fused::attention`])
+/// keeps for `rows` (B·nh·T) query rows over `keys` keys: only the
+/// probabilities, inside the op (its merged output is counted apart).
+pub fn attn_core_bytes(rows: u64, keys: u64, e: u64) -> u64 {
+    rows * keys * e
 }
 
 /// Bytes the head keeps after the final norm for `n` positions over a
