@@ -121,17 +121,22 @@ pub fn score_batch(
             })
         })
         .collect();
-    let rows = Tensor::from_vec(rows, (b, 1, t, 1), dev)?;
+    // As a (B, 1, 1, T) row vector: Σ_i w_i P[i, j] is then one batched
+    // vector-matrix product per head (candle's reduction over a middle
+    // dimension is a strided pass several times slower).
+    let rows = Tensor::from_vec(rows, (b, 1, 1, t), dev)?;
     let mut received: Option<Tensor> = None;
     // Reduce each layer's (B, H, T, T) to (B, T) as soon as it exists, so at
     // most one layer's attention matrices are alive.
     let mut observer = |layer: usize, probs: &Tensor| -> Result<()> {
         if opts.layers.binary_search(&layer).is_ok() {
-            let r = probs
-                .detach()
-                .to_dtype(DType::F32)?
-                .broadcast_mul(&rows)?
-                .sum(2)?
+            let p = probs.detach().to_dtype(DType::F32)?;
+            let (pb, ph, pt, pk) = p.dims4()?;
+            let r = rows
+                .broadcast_as((pb, ph, 1, pt))?
+                .contiguous()?
+                .matmul(&p)?
+                .reshape((pb, ph, pk))?
                 .mean(1)?;
             received = Some(match received.take() {
                 Some(acc) => (acc + r)?,
