@@ -20,11 +20,11 @@
 //! into uninitialised buffers instead of zeroed ones (`build`, the only
 //! `unsafe` besides the feature-gated calls).
 
-use crate::model::fused_linear::{gemm_into, gemm_raw, GemmElem, Mat};
+use crate::model::cpu::{by_real, cpu_slice, gemm_into, gemm_raw, with_slice, GemmElem, Mat};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape,
-    Storage, Tensor, WithDType, D,
+    Tensor, WithDType, D,
 };
 use gemm::Parallelism;
 use half::{bf16, f16};
@@ -398,28 +398,6 @@ macro_rules! multiversion {
 // Storage plumbing
 // ---------------------------------------------------------------------------
 
-fn contig<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("{op}: input must be contiguous"),
-    }
-}
-
-fn cpu_slice<'a, E: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [E]> {
-    contig(E::cpu_storage_as_slice(s)?, l, op)
-}
-
-/// Run `f` on the contiguous CPU data of `t` (used by the backward passes,
-/// which receive tensors rather than storages).
-fn with_slice<E: WithDType, T>(t: &Tensor, f: impl FnOnce(&[E]) -> Result<T>) -> Result<T> {
-    let t = t.contiguous()?;
-    let (st, l) = t.storage_and_layout();
-    let Storage::Cpu(cs) = &*st else {
-        bail!("fused op: backward tensor is not on the cpu")
-    };
-    f(cpu_slice(cs, l, "fused backward")?)
-}
-
 fn cpu_tensor<E: WithDType>(v: Vec<E>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), &Device::Cpu)
 }
@@ -445,23 +423,6 @@ macro_rules! by_dtype {
                 $body
             }
             dt => bail!("{}: unsupported dtype {dt:?}", $op),
-        }
-    };
-}
-
-/// As [`by_dtype`] for the kernels that compute in their storage type.
-macro_rules! by_real {
-    ($dt:expr, $op:expr, |$E:ident| $body:expr) => {
-        match $dt {
-            DType::F32 => {
-                type $E = f32;
-                $body
-            }
-            DType::F64 => {
-                type $E = f64;
-                $body
-            }
-            dt => bail!("{}: only f32/f64 on the cpu path, got {dt:?}", $op),
         }
     };
 }
@@ -1504,16 +1465,7 @@ pub fn attention(
     if !fusable {
         // 16-bit or off the CPU: candle's matmuls around the softmax kernel
         // (which itself falls back to the composite off the CPU).
-        let (b, h, t, d) = q.dims4()?;
-        let rep = h / k.dim(1)?;
-        let k = candle_transformers::utils::repeat_kv(k.clone(), rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v.clone(), rep)?.contiguous()?;
-        let p = attn_softmax(&q.matmul(&k.t()?)?, scale, mask, additive)?;
-        let y = p
-            .to_dtype(v.dtype())?
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, h * d))?;
+        let (y, p) = attention_by_ops(q, k, v, |s| attn_softmax(s, scale, mask, additive))?;
         return Ok((y, want_probs.then_some(p)));
     }
     let additive = match additive {
@@ -1542,6 +1494,27 @@ pub fn attention(
     } else {
         None
     };
+    Ok((y, p))
+}
+
+/// Attention as candle ops around `softmax` (scores → probabilities):
+/// repeat the k/v heads, two matmuls, merge the heads; (output, probs).
+fn attention_by_ops(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let (b, h, t, d) = q.dims4()?;
+    let rep = h / k.dim(1)?;
+    let k = candle_transformers::utils::repeat_kv(k.clone(), rep)?.contiguous()?;
+    let v = candle_transformers::utils::repeat_kv(v.clone(), rep)?.contiguous()?;
+    let p = softmax(&q.matmul(&k.t()?)?)?;
+    let y = p
+        .to_dtype(v.dtype())?
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, t, h * d))?;
     Ok((y, p))
 }
 
@@ -1768,17 +1741,7 @@ pub mod composite {
         mask: &AttnMask,
         additive: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let (b, h, t, d) = q.dims4()?;
-        let rep = h / k.dim(1)?;
-        let k = candle_transformers::utils::repeat_kv(k.clone(), rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v.clone(), rep)?.contiguous()?;
-        let p = attn_softmax(&q.matmul(&k.t()?)?, scale, mask, additive)?;
-        let y = p
-            .to_dtype(v.dtype())?
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, h * d))?;
-        Ok((y, p))
+        super::attention_by_ops(q, k, v, |s| attn_softmax(s, scale, mask, additive))
     }
     use candle_core::{bail, DType, Result, Tensor, D};
 

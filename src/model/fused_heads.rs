@@ -12,6 +12,7 @@
 //! f32/f64 on the CPU; everything else (and the reference in the tests) is
 //! [`composite`].
 
+use crate::model::cpu::{by_real, cpu_slice, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -117,39 +118,6 @@ fn split_bwd<E: F>(
     out
 }
 
-fn contiguous_slice<'a, E: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [E]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&E::cpu_storage_as_slice(s)?[a..b]),
-        None => bail!("fused heads: input is not contiguous"),
-    }
-}
-
-/// Run `f` on a contiguous CPU tensor's data.
-fn with_data<E: WithDType, R>(t: &Tensor, f: impl FnOnce(&[E]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (st, l) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cs) = &*st else {
-        bail!("fused heads: tensor is not on the cpu")
-    };
-    f(contiguous_slice(cs, l)?)
-}
-
-macro_rules! by_float {
-    ($dt:expr, |$E:ident| $body:expr) => {
-        match $dt {
-            DType::F32 => {
-                type $E = f32;
-                $body
-            }
-            DType::F64 => {
-                type $E = f64;
-                $body
-            }
-            dt => bail!("fused heads: unsupported dtype {dt:?}"),
-        }
-    };
-}
-
 impl SplitHeads {
     fn dims(&self, shape: &Shape) -> Result<(usize, usize, usize, usize)> {
         let (b, t, nd) = shape.dims3()?;
@@ -182,8 +150,8 @@ impl SplitHeads {
     ) -> Result<R> {
         match &self.rope {
             None => f(None),
-            Some((c, s)) => with_data::<E, _>(c, |cs| {
-                with_data::<E, _>(s, |ss| f(Some((cs, ss, c.dims()[0]))))
+            Some((c, s)) => with_slice::<E, _>(c, |cs| {
+                with_slice::<E, _>(s, |ss| f(Some((cs, ss, c.dims()[0]))))
             }),
         }
     }
@@ -196,8 +164,8 @@ impl CustomOp1 for SplitHeads {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims @ (b, t, n, d) = self.dims(l.shape())?;
-        let out = by_float!(s.dtype(), |E| {
-            let x = contiguous_slice::<E>(s, l)?;
+        let out = by_real!(s.dtype(), "fused heads", |E| {
+            let x = cpu_slice::<E>(s, l, "fused heads")?;
             E::to_cpu_storage_owned(self.with_tabs::<E, _>(|tabs| Ok(split_fwd(x, dims, tabs)))?)
         });
         Ok((out, Shape::from((b, n, t, d))))
@@ -208,8 +176,8 @@ impl CustomOp1 for SplitHeads {
             return Ok(None);
         }
         let dims = self.dims(x.shape())?;
-        by_float!(x.dtype(), |E| {
-            let dx = with_data::<E, _>(g, |gs| {
+        by_real!(x.dtype(), "fused heads", |E| {
+            let dx = with_slice::<E, _>(g, |gs| {
                 self.with_tabs::<E, _>(|tabs| Ok(split_bwd(gs, dims, tabs)))
             })?;
             Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
@@ -228,8 +196,8 @@ impl CustomOp1 for MergeHeads {
             bail!("merge heads: {n} heads, expected {}", self.n);
         }
         // Merging is splitting's backward without a rotation.
-        let out = by_float!(s.dtype(), |E| {
-            let x = contiguous_slice::<E>(s, l)?;
+        let out = by_real!(s.dtype(), "fused heads", |E| {
+            let x = cpu_slice::<E>(s, l, "fused heads")?;
             E::to_cpu_storage_owned(split_bwd(x, (b, t, n, d), None))
         });
         Ok((out, Shape::from((b, t, n * d))))
@@ -240,8 +208,8 @@ impl CustomOp1 for MergeHeads {
             return Ok(None);
         }
         let (b, n, t, d) = x.dims4()?;
-        by_float!(x.dtype(), |E| {
-            let dx = with_data::<E, _>(g, |gs| Ok(split_fwd(gs, (b, t, n, d), None)))?;
+        by_real!(x.dtype(), "fused heads", |E| {
+            let dx = with_slice::<E, _>(g, |gs| Ok(split_fwd(gs, (b, t, n, d), None)))?;
             Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
         })
     }

@@ -7,6 +7,7 @@
 //! differentiable candle op, and an optional observer sees each layer's
 //! probabilities while only that layer's T×T matrix is alive.
 
+pub(crate) mod cpu;
 pub mod fused;
 pub mod fused_heads;
 pub(crate) mod fused_linear;
