@@ -108,8 +108,28 @@ pub fn progress_units(len: u64, unit: &str, quiet: bool) -> indicatif::ProgressB
         (LogLines::target(), t)
     };
     let style = indicatif::ProgressStyle::with_template(&template.replace("UNIT", unit))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .with_key(
+            "eta",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let eta = steady_eta(s.elapsed(), s.pos(), s.len().unwrap_or(0));
+                let _ = match eta {
+                    Some(d) => write!(w, "{:#}", indicatif::HumanDuration(d)),
+                    None => write!(w, "?"),
+                };
+            },
+        );
     indicatif::ProgressBar::with_draw_target(Some(len), target).with_style(style)
+}
+
+/// Remaining time at the average rate so far, `elapsed / pos · (len − pos)`;
+/// `None` before the first unit.
+///
+/// Why not indicatif's `{eta}`: its rate estimate decays while no unit
+/// completes, so after a long pause (the evaluation inside a training step)
+/// it reported "2w" for one remaining step.
+pub fn steady_eta(elapsed: std::time::Duration, pos: u64, len: u64) -> Option<std::time::Duration> {
+    (pos > 0).then(|| elapsed.mul_f64(len.saturating_sub(pos) as f64 / pos as f64))
 }
 
 /// A "terminal" for indicatif that turns the bar into `tracing` lines, at

@@ -162,6 +162,28 @@ fn progress_is_logged_when_stderr_is_not_a_terminal() {
     // The default interval (30 s) is longer than this run: no progress lines.
     assert!(!run("30").contains("/2 steps |"));
 }
+
+#[test]
+fn eta_is_the_average_rate_so_far() {
+    use std::time::Duration;
+    use xtf_train::io::steady_eta;
+    // 3 of 12 done in 30 s: 10 s each, 9 left → 90 s; done → 0; none yet → unknown.
+    assert_eq!(
+        steady_eta(Duration::from_secs(30), 3, 12),
+        Some(Duration::from_secs(90))
+    );
+    assert_eq!(
+        steady_eta(Duration::from_secs(30), 12, 12),
+        Some(Duration::ZERO)
+    );
+    assert_eq!(steady_eta(Duration::from_secs(30), 0, 12), None);
+    // A long pause (an evaluation) only lengthens the average: 24 of 25
+    // after 300 s → 12.5 s, not the weeks indicatif's decaying rate showed.
+    assert_eq!(
+        steady_eta(Duration::from_secs(300), 24, 25),
+        Some(Duration::from_millis(12_500))
+    );
+}
 #[test]
 fn unknown_config_key_fails() {
     let d = tempfile::tempdir().unwrap();
