@@ -699,6 +699,11 @@ fn attention_core_matches_composite_and_finite_differences() {
     let q = randn(&mut r, &[1, 3, t, d], 1.0, DType::F32).unwrap();
     let k = randn(&mut r, &[1, 2, t, d], 1.0, DType::F32).unwrap();
     assert!(fz::attention(&q, &k, &k, 1.0, &AttnMask::causal(), None, false).is_err());
+    // Empty sequences are errors too, not panics.
+    let e = Tensor::zeros((1, 2, 0, d), DType::F32, &Device::Cpu).unwrap();
+    assert!(fz::attention(&e, &e, &e, 1.0, &AttnMask::causal(), None, false).is_err());
+    let e3 = Tensor::zeros((1, 0, 8), DType::F32, &Device::Cpu).unwrap();
+    assert!(xtf_train::model::fused_heads::split_heads(&e3, 2, None).is_err());
 }
 
 #[test]

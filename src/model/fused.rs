@@ -1144,6 +1144,9 @@ impl AttnCore {
     fn dims(&self, q: &Shape, k: &Shape, v: &Shape) -> Result<CoreDims> {
         let (b, h, t, d) = q.dims4()?;
         let (kb, g, kt, kd) = k.dims4()?;
+        if t == 0 || d == 0 {
+            bail!("attention: empty sequence or head ({t} positions, head size {d})");
+        }
         if k.dims() != v.dims() || kb != b || kt != t || kd != d || g == 0 || h % g != 0 {
             bail!(
                 "attention: q {:?}, k {:?}, v {:?} do not fit (same batch, length and head size; heads a multiple of kv heads)",

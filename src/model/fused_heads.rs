@@ -128,6 +128,9 @@ impl SplitHeads {
             );
         }
         let d = nd / self.n;
+        if t == 0 || d == 0 {
+            bail!("split heads: empty sequence or head ({t} positions, head size {d})");
+        }
         if let Some((c, _)) = &self.rope {
             let (tb, one, tt, td) = c.dims4()?;
             if one != 1 || tt != t || td != d || (tb != 1 && tb != b) {
@@ -192,6 +195,9 @@ impl CustomOp1 for MergeHeads {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, n, t, d) = l.shape().dims4()?;
+        if t == 0 || d == 0 {
+            bail!("merge heads: empty sequence or head ({t} positions, head size {d})");
+        }
         if n != self.n {
             bail!("merge heads: {n} heads, expected {}", self.n);
         }
