@@ -11,6 +11,7 @@ use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor, WithDType};
 use gemm::Parallelism;
 use std::mem::MaybeUninit;
 
+/// The elements of a contiguous layout's window into `v`.
 pub(crate) fn contig<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
@@ -18,6 +19,7 @@ pub(crate) fn contig<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]>
     }
 }
 
+/// A CPU storage's contiguous data as `E` (an error names `op` otherwise).
 pub(crate) fn cpu_slice<'a, E: WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
@@ -26,8 +28,8 @@ pub(crate) fn cpu_slice<'a, E: WithDType>(
     contig(E::cpu_storage_as_slice(s)?, l, op)
 }
 
-/// Run `f` on the contiguous CPU data of `t` (used by the backward passes,
-/// which receive tensors rather than storages).
+/// Run `f` on the contiguous CPU data of `t` (for the backward passes,
+/// which receive tensors rather than storages, and for weights an op holds).
 pub(crate) fn with_slice<E: WithDType, T>(
     t: &Tensor,
     f: impl FnOnce(&[E]) -> Result<T>,
@@ -35,9 +37,9 @@ pub(crate) fn with_slice<E: WithDType, T>(
     let t = t.contiguous()?;
     let (st, l) = t.storage_and_layout();
     let Storage::Cpu(cs) = &*st else {
-        bail!("fused op: backward tensor is not on the cpu")
+        bail!("fused op: tensor is not on the cpu")
     };
-    f(cpu_slice(cs, l, "fused backward")?)
+    f(cpu_slice(cs, l, "fused op")?)
 }
 
 /// The element types gemm and the fused ops handle.
