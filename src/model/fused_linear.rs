@@ -25,7 +25,29 @@ use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
 
-/// The LoRA layer's op: arguments x (m, k), A (r, k), B (n, r); the frozen
+/// (rows, features) of an input of any rank: all leading dims are rows.
+fn rows_features(shape: &Shape) -> Result<(usize, usize)> {
+    let k = *shape
+        .dims()
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg("fused linear: scalar input".into()))?;
+    if k == 0 {
+        bail!("fused linear: input has no features");
+    }
+    Ok((shape.elem_count() / k, k))
+}
+
+/// The input's shape with the last dim replaced by `n`.
+fn out_shape(shape: &Shape, n: usize) -> Shape {
+    let mut d = shape.dims().to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = n;
+    }
+    Shape::from(d)
+}
+
+/// The LoRA layer's op: arguments x (..., k) (leading dims are the m rows:
+/// no reshape nodes, which candle's backward pays for too), A (r, k), B (n, r); the frozen
 /// W (n, k), scale and dropout mask (m·k values 0 or 1/(1−p)) live here.
 pub(crate) struct LoraLinear {
     pub w: Tensor,
@@ -50,7 +72,7 @@ fn dropped<'a, E: GemmElem>(x: &'a [E], mask: &Option<Vec<f32>>, keep: &'a mut V
 
 impl LoraLinear {
     fn dims(&self, x: &Layout, a: &Layout, b: &Layout) -> Result<(usize, usize, usize, usize)> {
-        let (m, k) = x.shape().dims2()?;
+        let (m, k) = rows_features(x.shape())?;
         let (r, ka) = a.shape().dims2()?;
         let (n, rb) = b.shape().dims2()?;
         let (nw, kw) = self.w.dims2()?;
@@ -153,7 +175,7 @@ impl CustomOp3 for LoraLinear {
             let b = cpu_slice::<E>(s3, l3, "fused linear")?;
             E::to_cpu_storage_owned(self.fwd(x, a, b, dims)?)
         });
-        Ok((y, Shape::from((dims.0, dims.1))))
+        Ok((y, out_shape(l1.shape(), dims.1)))
     }
 
     fn bwd(
@@ -197,7 +219,7 @@ fn to_tensor<E: WithDType>(
         .transpose()
 }
 
-/// A trainable linear layer's `x Wᵀ` (full fine-tuning): x (m, k), W (n, k).
+/// A trainable linear layer's `x Wᵀ` (full fine-tuning): x (..., k), W (n, k).
 ///
 /// Why not candle's matmul: `x.matmul(&w.t())` adds a transpose node, so
 /// W's gradient arrives transposed and candle's backward adds it into a
@@ -217,7 +239,7 @@ impl CustomOp2 for TrainableMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
+        let (m, k) = rows_features(l1.shape())?;
         let (n, kw) = l2.shape().dims2()?;
         if k != kw {
             bail!("fused matmul: input has {k} features, weight expects {kw}");
@@ -228,7 +250,7 @@ impl CustomOp2 for TrainableMatmul {
             let par = parallelism();
             E::to_cpu_storage_owned(product((m, n, k), Mat::rows(x, k), Mat::t(w, k), 1.0, par)?)
         });
-        Ok((y, Shape::from((m, n))))
+        Ok((y, out_shape(l1.shape(), n)))
     }
 
     fn bwd(
@@ -238,7 +260,7 @@ impl CustomOp2 for TrainableMatmul {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (m, k) = x.dims2()?;
+        let (m, k) = rows_features(x.shape())?;
         let (n, _) = w.dims2()?;
         let g = g.contiguous()?;
         let dev = x.device();

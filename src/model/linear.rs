@@ -169,6 +169,14 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
         match (&self.lora, fwd.no_adapters) {
             (Some(l), false) if self.fusable(x, l) => self.forward_fused(x, l, fwd),
+            (None, _) | (_, true) if !self.frozen && trainable_fusable(x, &self.weight) => {
+                let op = crate::model::fused_linear::TrainableMatmul;
+                let y = x.contiguous()?.apply_op2(&self.weight, op)?;
+                Ok(match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
             _ => self.forward_composite(x, fwd),
         }
     }
@@ -187,10 +195,11 @@ impl Linear {
     }
 
     fn forward_fused(&self, x: &Tensor, l: &LoraAdapter, fwd: &mut Fwd) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = dims[dims.len() - 1];
-        let m = x.elem_count() / k;
-        let x2 = x.reshape((m, k))?.contiguous()?;
+        let k = self.in_dim();
+        let m = x.elem_count() / k.max(1);
+        // Any rank in and out: reshape nodes would cost a zeroed buffer and an
+        // add pass each in candle's backward.
+        let x2 = x.contiguous()?;
         // The same draws, in the same order, as the composite path's mask.
         let mask = match (fwd.rng.as_deref_mut(), l.dropout > 0.0) {
             (Some(rng), true) => Some(dropout_values(m * k, l.dropout, rng)),
@@ -205,9 +214,7 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        let mut out = dims;
-        *out.last_mut().unwrap_or(&mut 0) = self.out_dim();
-        Ok(y.reshape(out)?)
+        Ok(y)
     }
 
     /// The layer as candle ops (any device and dtype): the reference for the
@@ -221,9 +228,6 @@ impl Linear {
             x2.apply_op1(FrozenMatmul {
                 w: self.weight.clone(),
             })?
-        } else if trainable_fusable(&x2, &self.weight) {
-            x2.contiguous()?
-                .apply_op2(&self.weight, crate::model::fused_linear::TrainableMatmul)?
         } else {
             x2.matmul(&self.weight.t()?)?
         };
