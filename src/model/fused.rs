@@ -1623,7 +1623,13 @@ impl CustomOp2 for CrossEntropy {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let (n, v) = l1.shape().dims2()?;
+        // Any rank (..., V): a reshape node on the (N, V) logits would cost a
+        // zeroed (N, V) buffer and an add pass in candle's backward.
+        let dims = l1.shape().dims();
+        let Some((&v, lead)) = dims.split_last() else {
+            bail!("{op}: scalar logits");
+        };
+        let n = l1.shape().elem_count() / v.max(1);
         let t = cpu_slice::<u32>(s2, l2, op)?;
         if t.len() != n {
             bail!("{op}: {} targets for {n} rows", t.len());
@@ -1641,7 +1647,7 @@ impl CustomOp2 for CrossEntropy {
             }
             R::to_cpu_storage_owned(loss)
         });
-        Ok((out, Shape::from(n)))
+        Ok((out, Shape::from(lead.to_vec())))
     }
 
     fn bwd(
@@ -1657,7 +1663,7 @@ impl CustomOp2 for CrossEntropy {
         let Some(lse) = self.lse.get() else {
             bail!("{}: backward before forward", self.name())
         };
-        let v = x.dim(1)?;
+        let v = x.dim(D::Minus1)?;
         let dx = by_real!(x.dtype(), self.name(), |R| {
             let d = with_slice::<R, _>(x, |xs| {
                 with_slice::<u32, _>(t, |ts| {
@@ -1709,11 +1715,8 @@ pub fn cross_entropy_chunked(
         return composite::cross_entropy(logits, targets, ignore_index);
     }
     let x = match logits.dtype() {
-        DType::F32 | DType::F64 => logits.reshape(((), v))?.contiguous()?,
-        _ => logits
-            .to_dtype(DType::F32)?
-            .reshape(((), v))?
-            .contiguous()?,
+        DType::F32 | DType::F64 => logits.contiguous()?,
+        _ => logits.to_dtype(DType::F32)?.contiguous()?,
     };
     let t = targets.to_dtype(DType::U32)?.flatten_all()?.contiguous()?;
     let op = CrossEntropy {
@@ -1721,7 +1724,7 @@ pub fn cross_entropy_chunked(
         chunk,
         lse: OnceLock::new(),
     };
-    x.apply_op2(&t, op)?.reshape(lead)
+    x.apply_op2(&t, op)
 }
 
 // ---------------------------------------------------------------------------

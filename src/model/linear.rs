@@ -22,13 +22,35 @@ struct FrozenMatmul {
 }
 
 impl FrozenMatmul {
-    fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, Layout)> {
-        let (m, k) = l.shape().dims2()?;
+    /// (m, n, k, the input as a contiguous (m, k) layout, Wᵀ's layout, the
+    /// output shape). The input may have any rank (its leading dims are the
+    /// rows): a reshape node would cost a zeroed buffer and an add pass in
+    /// candle's backward.
+    fn dims(
+        &self,
+        l: &Layout,
+    ) -> candle_core::Result<(usize, usize, usize, Layout, Layout, Shape)> {
+        let dims = l.shape().dims();
+        let Some((&k, lead)) = dims.split_last() else {
+            candle_core::bail!("frozen matmul: scalar input");
+        };
         let (n, kw) = self.w.dims2()?;
         if k != kw {
             candle_core::bail!("frozen matmul: input has {k} features, weight expects {kw}");
         }
-        Ok((m, n, k, self.w.layout().transpose(0, 1)?))
+        let Some((start, _)) = l.contiguous_offsets() else {
+            candle_core::bail!("frozen matmul: input is not contiguous");
+        };
+        let m = lead.iter().product();
+        let out = Shape::from([lead, &[n]].concat());
+        Ok((
+            m,
+            n,
+            k,
+            Layout::contiguous_with_offset((m, k), start),
+            self.w.layout().transpose(0, 1)?,
+            out,
+        ))
     }
 }
 
@@ -38,12 +60,12 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, n, k, wt) = self.dims(l)?;
+        let (m, n, k, l, wt, out) = self.dims(l)?;
         let (ws, _) = self.w.storage_and_layout();
         let Storage::Cpu(ws) = &*ws else {
             candle_core::bail!("frozen matmul: weight is not on the cpu");
         };
-        Ok((s.matmul(ws, (1, m, n, k), l, &wt)?, Shape::from((m, n))))
+        Ok((s.matmul(ws, (1, m, n, k), &l, &wt)?, out))
     }
 
     fn cuda_fwd(
@@ -51,12 +73,12 @@ impl CustomOp1 for FrozenMatmul {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (m, n, k, wt) = self.dims(l)?;
+        let (m, n, k, l, wt, out) = self.dims(l)?;
         let (ws, _) = self.w.storage_and_layout();
         let Storage::Cuda(ws) = &*ws else {
             candle_core::bail!("frozen matmul: weight is not on the cuda device");
         };
-        Ok((s.matmul(ws, (1, m, n, k), l, &wt)?, Shape::from((m, n))))
+        Ok((s.matmul(ws, (1, m, n, k), &l, &wt)?, out))
     }
 
     fn metal_fwd(
@@ -64,21 +86,23 @@ impl CustomOp1 for FrozenMatmul {
         s: &candle_core::MetalStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
-        let (m, n, k, wt) = self.dims(l)?;
+        let (m, n, k, l, wt, out) = self.dims(l)?;
         let (ws, _) = self.w.storage_and_layout();
         let Storage::Metal(ws) = &*ws else {
             candle_core::bail!("frozen matmul: weight is not on the metal device");
         };
-        Ok((s.matmul(ws, (1, m, n, k), l, &wt)?, Shape::from((m, n))))
+        Ok((s.matmul(ws, (1, m, n, k), &l, &wt)?, out))
     }
 
     fn bwd(
         &self,
-        _arg: &Tensor,
+        arg: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
+        let n = self.w.dim(0)?;
+        let g = grad.reshape((grad.elem_count() / n.max(1), n))?;
+        Ok(Some(g.matmul(&self.w)?.reshape(arg.shape())?))
     }
 }
 
@@ -169,6 +193,16 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
         match (&self.lora, fwd.no_adapters) {
             (Some(l), false) if self.fusable(x, l) => self.forward_fused(x, l, fwd),
+            (None, _) | (_, true) if self.frozen => {
+                let op = FrozenMatmul {
+                    w: self.weight.clone(),
+                };
+                let y = x.contiguous()?.apply_op1(op)?;
+                Ok(match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
             (None, _) | (_, true) if !self.frozen && trainable_fusable(x, &self.weight) => {
                 let op = crate::model::fused_linear::TrainableMatmul;
                 let y = x.contiguous()?.apply_op2(&self.weight, op)?;
