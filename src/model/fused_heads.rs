@@ -57,31 +57,63 @@ fn table_row(tb: usize, b: usize) -> usize {
     }
 }
 
+/// `src` re-laid out between (B, T, n, D) and (B, n, T, D) — `to_heads`
+/// picks the direction — with `row(src_row, out_row, b, t)` writing each
+/// D-long head row (a copy, or the rotation and its transpose).
+fn permute<E: F>(
+    src: &[E],
+    (b, t, n, d): (usize, usize, usize, usize),
+    to_heads: bool,
+    row: impl Fn(&[E], &mut [E], usize, usize) + Sync,
+) -> Vec<E> {
+    let mut out = vec![E::from_f64(0.0); b * t * n * d];
+    out.par_chunks_mut(d)
+        .enumerate()
+        .with_min_len(64)
+        .for_each(|(q, o)| {
+            // q indexes the output's head rows; `from` is the same row in
+            // the source layout.
+            let (bi, ti, from) = if to_heads {
+                let (bi, h, ti) = (q / (n * t), (q / t) % n, q % t);
+                (bi, ti, (bi * t + ti) * n + h)
+            } else {
+                let (bi, ti, h) = (q / (t * n), (q / n) % t, q % n);
+                (bi, ti, (bi * n + h) * t + ti)
+            };
+            row(&src[from * d..][..d], o, bi, ti);
+        });
+    out
+}
+
+/// The (cos, sin) rows of position `ti` in batch row `bi`.
+fn tab_rows<'a, E>(
+    tabs: (&'a [E], &'a [E], usize),
+    bi: usize,
+    ti: usize,
+    t: usize,
+    d: usize,
+) -> (&'a [E], &'a [E]) {
+    let (cos, sin, tb) = tabs;
+    let at = (table_row(tb, bi) * t + ti) * d;
+    (&cos[at..at + d], &sin[at..at + d])
+}
+
 /// Forward of SplitHeads on contiguous data; `tabs` = (cos, sin, table batch).
 fn split_fwd<E: F>(
     x: &[E],
-    (b, t, n, d): (usize, usize, usize, usize),
+    dims @ (_, t, _, d): (usize, usize, usize, usize),
     tabs: Option<(&[E], &[E], usize)>,
 ) -> Vec<E> {
     let half = d / 2;
-    let mut out = vec![E::from_f64(0.0); b * n * t * d];
-    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, blk)| {
-        let (bi, h) = (bh / n, bh % n);
-        for (ti, o) in blk.chunks_mut(d).enumerate() {
-            let src = &x[((bi * t + ti) * n + h) * d..][..d];
-            match tabs {
-                None => o.copy_from_slice(src),
-                Some((cos, sin, tb)) => {
-                    let at = (table_row(tb, bi) * t + ti) * d;
-                    let (c, s) = (&cos[at..at + d], &sin[at..at + d]);
-                    for i in 0..d {
-                        o[i] = src[i] * c[i] + rot(src, i, half) * s[i];
-                    }
-                }
+    permute(x, dims, true, |src, o, bi, ti| match tabs {
+        None => o.copy_from_slice(src),
+        Some(tabs) => {
+            let (c, s) = tab_rows(tabs, bi, ti, t, d);
+            for i in 0..d {
+                o[i] = src[i] * c[i] + rot(src, i, half) * s[i];
             }
         }
-    });
-    out
+    })
 }
 
 /// Backward of SplitHeads: gradient (B, n, T, D) → (B, T, n·D). The
@@ -89,33 +121,24 @@ fn split_fwd<E: F>(
 /// −g_{j−D/2} s_{j−D/2})`, i.e. `g cos − rotate_half(g sin)`.
 fn split_bwd<E: F>(
     g: &[E],
-    (b, t, n, d): (usize, usize, usize, usize),
+    dims @ (_, t, _, d): (usize, usize, usize, usize),
     tabs: Option<(&[E], &[E], usize)>,
 ) -> Vec<E> {
     let half = d / 2;
-    let mut out = vec![E::from_f64(0.0); b * t * n * d];
-    out.par_chunks_mut(n * d).enumerate().for_each(|(bt, row)| {
-        let (bi, ti) = (bt / t, bt % t);
-        for (h, o) in row.chunks_mut(d).enumerate() {
-            let src = &g[((bi * n + h) * t + ti) * d..][..d];
-            match tabs {
-                None => o.copy_from_slice(src),
-                Some((cos, sin, tb)) => {
-                    let at = (table_row(tb, bi) * t + ti) * d;
-                    let (c, s) = (&cos[at..at + d], &sin[at..at + d]);
-                    for j in 0..d {
-                        let r = if j < half {
-                            src[j + half] * s[j + half]
-                        } else {
-                            -(src[j - half] * s[j - half])
-                        };
-                        o[j] = src[j] * c[j] + r;
-                    }
-                }
+    permute(g, dims, false, |src, o, bi, ti| match tabs {
+        None => o.copy_from_slice(src),
+        Some(tabs) => {
+            let (c, s) = tab_rows(tabs, bi, ti, t, d);
+            for j in 0..d {
+                let r = if j < half {
+                    src[j + half] * s[j + half]
+                } else {
+                    -(src[j - half] * s[j - half])
+                };
+                o[j] = src[j] * c[j] + r;
             }
         }
-    });
-    out
+    })
 }
 
 impl SplitHeads {
