@@ -19,6 +19,17 @@
         (c) converted weights vs transformers' dequantised GGUF weights.
         Prints max |diff| figures; exits 1 if a tolerance is missed.
 
+    make_gguf_fixture.py chats [--gguf PATH] [--out fixture/] [--n 200]
+        The first N GSM8K *train* problems as chats ([user: question, assistant:
+        answer]) through transformers' own chat path: ids =
+        tok(apply_chat_template(chat[:1], add_generation_prompt=True)) +
+        tok(rest of apply_chat_template(chat)), add_special_tokens=False, and
+        label_start = the generation prompt's length; once with transformers'
+        GGUF-built tokenizer and once with the same vocabulary under SmolLM2's
+        own pre-tokenizer (Digits(individual) then ByteLevel, as its
+        tokenizer.json and llama.cpp's `smollm` say). Saves
+          fixture/smollm2_gsm8k_train200_chats.json
+
 Needs CPU torch, transformers (>= 4.45 with GGUF support), gguf, safetensors, numpy.
 """
 
@@ -35,6 +46,8 @@ from safetensors.numpy import load_file, save_file
 HERE = Path(__file__).resolve().parent
 DEFAULT_GGUF = HERE.parent.parent / "shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 GSM8K = HERE.parent.parent / "shared/data/gsm8k/test.jsonl"
+GSM8K_TRAIN = HERE.parent.parent / "shared/data/gsm8k/train.jsonl"
+CHATS = "smollm2_gsm8k_train200_chats"
 FIXTURE = "smollm2_gsm8k3"
 N_SUBSET = 512
 TOPK = 8
@@ -146,6 +159,83 @@ def make(args):
     log(f"wrote {out / FIXTURE}.safetensors ({(out / f'{FIXTURE}.safetensors').stat().st_size} bytes) and .json")
 
 
+def original_rules(tok):
+    """The GGUF-built fast tokenizer with SmolLM2's own pre-tokenizer.
+
+    HuggingFaceTB/SmolLM2-135M-Instruct's tokenizer.json splits every digit
+    off first, then applies byte-level GPT-2 splitting; llama.cpp's
+    `tokenizer.ggml.pre = "smollm"` does the same (a `\\p{N}` pass before
+    the GPT-2 regex). transformers' GGUF converter has no `smollm` entry and
+    keeps plain ByteLevel, which is the only difference.
+    """
+    import copy
+
+    from tokenizers import pre_tokenizers
+
+    orig = copy.deepcopy(tok)
+    orig.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
+    return orig
+
+
+def chats(args):
+    from transformers import AutoTokenizer
+
+    gguf = Path(args.gguf)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    orig = original_rules(tok)
+    rows = [json.loads(line) for line in GSM8K_TRAIN.read_text().splitlines()[: args.n]]
+    out = []
+    differ = []
+    for i, r in enumerate(rows):
+        chat = [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+        prompt = tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(chat, tokenize=False)
+        assert full.startswith(prompt), i
+        response = full[len(prompt):]
+        rec = {"index": i}
+        for name, t in (("", tok), ("_original", orig)):
+            p, rsp = encode(t, prompt), encode(t, response)
+            rec["ids" + name] = p + rsp
+            rec["label_start" + name] = len(p)
+        # The whole rendering tokenised at once splits the same way.
+        assert encode(tok, full) == rec["ids"], i
+        if rec["ids_original"] == rec["ids"]:
+            del rec["ids_original"], rec["label_start_original"]
+        else:
+            differ.append(i)
+        out.append(rec)
+    from importlib.metadata import version
+
+    meta = {
+        "gguf_file": gguf.name,
+        "gguf_sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
+        "source": f"first {args.n} rows of shared/data/gsm8k/train.jsonl as [user: question, assistant: answer]",
+        "rule": "ids = tok(apply_chat_template(chat[:1], add_generation_prompt=True)) + "
+        "tok(apply_chat_template(chat)[len(prompt):]), add_special_tokens=False; label_start = len(prompt ids)",
+        "tokenizers": {
+            "ids": "transformers AutoTokenizer.from_pretrained(dir, gguf_file=name)",
+            "ids_original": "the same vocabulary with SmolLM2's pre-tokenizer Sequence[Digits(individual_digits), "
+            "ByteLevel(add_prefix_space=False)]; present only where it differs",
+        },
+        "versions": {"transformers": version("transformers"), "tokenizers": version("tokenizers")},
+        "differ": differ,
+        "chats": out,
+    }
+    path = Path(args.out) / f"{CHATS}.json"
+    path.write_text(json.dumps(meta, ensure_ascii=False, separators=(",", ":")) + "\n")
+    log(f"wrote {path}: {len(out)} chats, original rules differ on {differ}")
+    for i in differ:
+        a, b = out[i]["ids"], out[i]["ids_original"]
+        k = next(j for j in range(min(len(a), len(b))) if a[j] != b[j])
+        log(f"  chat {i}: transformers-gguf {tok.convert_ids_to_tokens(a[k:k + 3])} "
+            f"vs original {tok.convert_ids_to_tokens(b[k:k + 3])}")
+
+
 def check(args):
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -252,6 +342,10 @@ def main():
     m = sub.add_parser("make")
     m.add_argument("--gguf", default=str(DEFAULT_GGUF))
     m.add_argument("--out", default=str(HERE.parent / "tests/fixtures/gguf"))
+    ch = sub.add_parser("chats")
+    ch.add_argument("--gguf", default=str(DEFAULT_GGUF))
+    ch.add_argument("--out", default=str(HERE.parent / "tests/fixtures/gguf"))
+    ch.add_argument("--n", type=int, default=200)
     c = sub.add_parser("check")
     c.add_argument("converted")
     c.add_argument("--gguf", default=str(DEFAULT_GGUF))
@@ -261,6 +355,9 @@ def main():
     args = ap.parse_args()
     if args.cmd == "make":
         make(args)
+        return 0
+    if args.cmd == "chats":
+        chats(args)
         return 0
     if args.dump_texts:
         meta = json.loads((Path(args.out) / f"{FIXTURE}.json").read_text())

@@ -140,8 +140,9 @@ pub fn evaluate(cfg: &Config, target: EvalTarget, quiet: bool) -> Result<eval::E
     eval::run(cfg, source, &eval::EvalOptions { quiet, label })
 }
 
-/// `xtf-train generate`: the config's template around `prompt`, the
-/// config's model plus an optional adapter.
+/// `xtf-train generate`: `prompt` in the training format (`data.template`,
+/// or the chat template with `data.system`), the config's model plus an
+/// optional adapter.
 pub fn generate(
     cfg: &Config,
     prompt: &str,
@@ -155,8 +156,9 @@ pub fn generate(
     )?;
     let tok = Tok::load(&dir)?;
     let model = model::lora::load_frozen(&dir, cfg.model.dtype.dtype(), &cfg.device()?, adapter)?;
+    let prompter = eval::Prompter::for_data(cfg, &tok, &dir)?;
     let mut ids: Vec<u32> = tok.bos.into_iter().collect();
-    ids.extend(tok.encode(&cfg.data.template.replace("{prompt}", prompt))?);
+    ids.extend(tok.encode(&prompter.render(prompt)?)?);
     let out = gen::generate(&model, &tok, &[ids], opts)?;
     Ok(out.into_iter().next().map(|g| g.text).unwrap_or_default())
 }

@@ -389,3 +389,141 @@ fn prompt_fields_limit_and_chat_roles() {
         .prompt
         .contains("<|im_start|>assistant\nb<|im_end|>\n"));
 }
+
+/// A byte-level BPE without merges (one token per byte) that knows
+/// `specials` as added special tokens, optionally with a Llama-3-style
+/// post-processor putting `bos` in front: enough to see which special
+/// tokens a chat's ids hold, whatever the real vocabulary.
+fn byte_tokenizer(specials: &[&str], bos: Option<&str>) -> tokenizers::Tokenizer {
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let vocab: tokenizers::models::bpe::Vocab = ByteLevel::alphabet()
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), i as u32))
+        .collect();
+    let bpe = tokenizers::models::bpe::BPE::builder()
+        .vocab_and_merges(vocab, vec![])
+        .build()
+        .unwrap();
+    let mut t = tokenizers::Tokenizer::new(bpe);
+    t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    t.with_decoder(Some(ByteLevel::default()));
+    let added: Vec<_> = specials
+        .iter()
+        .map(|s| tokenizers::AddedToken::from(s.to_string(), true))
+        .collect();
+    t.add_special_tokens(&added);
+    if let Some(b) = bos {
+        let id = t.token_to_id(b).unwrap();
+        let pp = tokenizers::processors::template::TemplateProcessing::builder()
+            .try_single(format!("{b} $A"))
+            .unwrap()
+            .special_tokens(vec![(b, id)])
+            .build()
+            .unwrap();
+        t.with_post_processor(Some(pp));
+    }
+    t
+}
+
+/// Issue 26: every chat's ids are transformers' `tokenizer(apply_chat_template(
+/// chat), add_special_tokens=False)` (the renderings in chat_expected.json,
+/// saved from transformers) split at the generation prompt, for each
+/// committed template with the BOS rule of its real tokenizer — and for
+/// SmolLM2's, whose `bos_token` `<|im_start|>` is never added, so the
+/// rendering's leading `<|im_start|>` must stay in the text.
+#[test]
+fn chat_ids_are_the_whole_rendering_tokenised_once() {
+    use xtf_train::data::formats::{ChatTemplate, Message};
+    let specials = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<s>",
+        "</s>",
+        "[INST]",
+        "[/INST]",
+    ];
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("chat_expected.json")).unwrap(),
+    )
+    .unwrap();
+    // (fixture config, keys of the real tokenizer_config.json the fixture
+    // leaves out, BOS added by the real tokenizer.json's post-processor)
+    let qwen = "qwen2.5_tokenizer_config.json";
+    let families = [
+        (qwen, json!({}), None, "qwen2.5"),
+        (
+            "llama3.1_tokenizer_config.json",
+            json!({}),
+            Some("<|begin_of_text|>"),
+            "llama3.1",
+        ),
+        (
+            "mistral0.3_tokenizer_config.json",
+            json!({"add_bos_token": true}),
+            None,
+            "mistral0.3",
+        ),
+        // SmolLM2's GGUF: ChatML, bos_token named <|im_start|>, not added.
+        (qwen, json!({"bos_token": "<|im_start|>"}), None, "smollm2"),
+    ];
+    let mut checked = 0;
+    for (file, extra, pp_bos, label) in families {
+        let mut tcfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(file)).unwrap()).unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            tcfg[k] = v.clone();
+        }
+        let t = Tok::from_parts(
+            byte_tokenizer(&specials, pp_bos),
+            Some(&tcfg),
+            None,
+            Path::new(file),
+        )
+        .unwrap();
+        let tmpl = ChatTemplate::from_tokenizer_config(&tcfg)
+            .unwrap()
+            .unwrap()
+            .with_added_bos(t.bos_text());
+        let cases = expected["cases"].as_array().unwrap().iter();
+        let splits = |c: &&serde_json::Value| c.get("split").is_some_and(|s| s.get("error").is_none());
+        for case in cases.filter(|c| c["template"] == file).filter(splits) {
+            let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+            let (prompt, response) = tmpl.split_prompt_response(&messages).unwrap();
+            let rec = Record {
+                prompt,
+                response,
+                chat: true,
+            };
+            let (ex, _) = tokenize_one(&rec, &t, "{prompt}", 1 << 16).unwrap();
+            let ex = ex.unwrap();
+            // transformers' rendering of the chat up to the last assistant
+            // turn, and the generation prompt it starts with.
+            let full = case["rendered"]["false"].as_str().unwrap();
+            let want_response = case["split"]["response"].as_str().unwrap();
+            let gen_prompt = full.strip_suffix(want_response).unwrap();
+            let want = t.inner.encode(full, false).unwrap().get_ids().to_vec();
+            let want_start = t.inner.encode(gen_prompt, false).unwrap().len();
+            let at = format!("{label} / {}", case["conversation"]);
+            assert_eq!(ex.ids, want, "{at}");
+            assert_eq!(ex.label_start, want_start, "{at}");
+            let firsts: Vec<String> = ex.ids[..2].iter().map(|&i| t.token_str(i)).collect();
+            match label {
+                "llama3.1" => assert_eq!(firsts[0], "<|begin_of_text|>", "{at}"),
+                "mistral0.3" => assert_eq!(firsts[..2], ["<s>", "[INST]"], "{at}"),
+                _ => assert_eq!(firsts[0], "<|im_start|>", "{at}"),
+            }
+            // Exactly one BOS, where the tokenizer adds one.
+            if let Some(b) = t.bos {
+                assert_eq!(ex.ids.iter().filter(|&&i| i == b).count(), 1, "{at}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 11);
+}

@@ -664,3 +664,73 @@ fn smollm2_logits_and_ids_match_transformers_gguf_loader() {
     std::env::remove_var("XTF_CACHE");
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// Issue 26: the first 200 GSM8K training problems as chats through our
+/// data path (chat template from the GGUF, the BOS rule, prompt and response
+/// tokenised apart) give the ids and `label_start` of transformers'
+/// `tokenizer(apply_chat_template(...), add_special_tokens=False)` split at
+/// the generation prompt (`scripts/make_gguf_fixture.py chats`), leading
+/// `<|im_start|>` included. Where transformers' GGUF tokenizer and SmolLM2's
+/// own pre-tokenizer disagree (chat 44: ten spaces before a digit), we match
+/// SmolLM2's own rules (docs/gguf.md).
+#[test]
+fn smollm2_chats_match_transformers_chat_ids() {
+    let Some(path) = smollm() else { return };
+    let train = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gsm8k/train.jsonl");
+    if !train.exists() {
+        eprintln!("skipping: {} not present", train.display());
+        return;
+    }
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf/smollm2_gsm8k_train200_chats.json");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx).unwrap()).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    let tcfg = f.tokenizer_config().unwrap();
+    let tok =
+        xtf_train::data::tokenizer::Tok::from_parts(f.tokenizer().unwrap(), Some(&tcfg), None, &path)
+            .unwrap();
+    let chat = xtf_train::data::formats::ChatTemplate::from_tokenizer_config(&tcfg)
+        .unwrap()
+        .unwrap()
+        .with_added_bos(tok.bos_text());
+    #[derive(serde::Deserialize)]
+    struct W {
+        data: xtf_train::config::DataSection,
+    }
+    let d = toml::from_str::<W>(
+        "[data]\ntrain = \"x\"\nprompt_field = \"question\"\nresponse_field = \"answer\"\n\
+         chat_template = true\nlimit = 200",
+    )
+    .unwrap()
+    .data;
+    let recs =
+        xtf_train::data::load_records(train.to_str().unwrap(), &d, Some(&chat)).unwrap();
+    let (ex, stats) = xtf_train::data::tokenize(&recs, &tok, &d.template, 1 << 16).unwrap();
+    assert_eq!((ex.len(), stats.truncated, stats.dropped), (200, 0, 0));
+    let differ: Vec<u64> = want["differ"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(differ, [44], "transformers' GGUF tokenizer vs SmolLM2's rules");
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let im_start = tok.inner.token_to_id("<|im_start|>").unwrap();
+    for (i, (e, c)) in ex.iter().zip(want["chats"].as_array().unwrap()).enumerate() {
+        let sfx = if differ.contains(&(i as u64)) { "_original" } else { "" };
+        assert_eq!(e.ids, ids(&c[format!("ids{sfx}")]), "chat {i}");
+        assert_eq!(
+            e.label_start as u64,
+            c[format!("label_start{sfx}")].as_u64().unwrap(),
+            "chat {i}"
+        );
+        assert_eq!(e.ids[0], im_start, "chat {i}");
+    }
+}

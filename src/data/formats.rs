@@ -640,14 +640,15 @@ pub struct ChatTemplate {
     name: String,
     env: Environment<'static>,
     tokens: BTreeMap<String, JinjaValue>,
-    bos_token: Option<String>,
+    /// The text of the BOS the tokenizer rule prepends as an id.
+    added_bos: Option<String>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatTemplate")
             .field("name", &self.name)
-            .field("bos_token", &self.bos_token)
+            .field("added_bos", &self.added_bos)
             .finish_non_exhaustive()
     }
 }
@@ -708,8 +709,7 @@ impl ChatTemplate {
                 .collect();
             tokens.insert("additional_special_tokens".into(), JinjaValue::from(list));
         }
-        let bos_token = v.get("bos_token").and_then(token_text);
-        Self::new(source, tokens, bos_token, "tokenizer_config.json").map(Some)
+        Self::new(source, tokens, "tokenizer_config.json").map(Some)
     }
 
     /// Read a `tokenizer_config.json` (see [`Self::from_tokenizer_config`]);
@@ -744,6 +744,18 @@ impl ChatTemplate {
         self
     }
 
+    /// Tell the template which BOS the tokenizer rule prepends as an id
+    /// (spec "BOS"; `Tok::bos_text`), `None` when it prepends none. Prompts
+    /// starting with exactly that text lose it, so BOS is not there twice
+    /// (Llama 3, Mistral); a template's leading special token that the
+    /// tokenizer does not add stays in the text (SmolLM2 names
+    /// `<|im_start|>` its `bos_token` and never adds it). Without this call
+    /// nothing is stripped.
+    pub fn with_added_bos(mut self, bos_text: Option<String>) -> Self {
+        self.added_bos = bos_text;
+        self
+    }
+
     /// The name errors use.
     pub fn name(&self) -> &str {
         &self.name
@@ -752,7 +764,6 @@ impl ChatTemplate {
     fn new(
         source: String,
         tokens: BTreeMap<String, JinjaValue>,
-        bos_token: Option<String>,
         name: &str,
     ) -> Result<Self> {
         let mut env = Environment::new();
@@ -773,7 +784,7 @@ impl ChatTemplate {
             name: name.to_string(),
             env,
             tokens,
-            bos_token,
+            added_bos: None,
         })
     }
 
@@ -806,10 +817,10 @@ impl ChatTemplate {
     /// system message into the last user turn) fail with an error naming the
     /// template. The response therefore ends with the template's end-of-turn
     /// text (`<|im_end|>\n`, `<|eot_id|>`, `</s>`), so callers should not
-    /// append EOS again. If the prompt starts with the literal `bos_token`
-    /// (Llama 3, Mistral), that text is removed because the trainer adds BOS
-    /// itself; so `bos_token + prompt + response` (or `prompt + response`)
-    /// is the full rendering.
+    /// append EOS again.
+    ///
+    /// The prompt loses a leading [`Self::with_added_bos`] text, so that
+    /// `[BOS] + tok(prompt) + tok(response)` are the full rendering's tokens.
     pub fn split_prompt_response(&self, messages: &[Message]) -> Result<(String, String)> {
         let last = messages
             .iter()
@@ -826,11 +837,21 @@ impl ChatTemplate {
                  assistant turn, with add_generation_prompt), so it cannot be split into prompt and response",
             ));
         };
-        let prompt = match self.bos_token.as_deref() {
-            Some(bos) if !bos.is_empty() => prompt.strip_prefix(bos).unwrap_or(&prompt),
-            _ => &prompt,
-        };
-        Ok((prompt.to_string(), response.to_string()))
+        Ok((self.strip_added_bos(&prompt).to_string(), response.to_string()))
+    }
+
+    /// A prompt for generation: the chat rendered with the assistant header
+    /// appended, less the leading [`Self::with_added_bos`] text.
+    pub fn render_prompt(&self, messages: &[Message]) -> Result<String> {
+        let text = self.render(messages, true)?;
+        Ok(self.strip_added_bos(&text).to_string())
+    }
+
+    fn strip_added_bos<'a>(&self, text: &'a str) -> &'a str {
+        match self.added_bos.as_deref() {
+            Some(bos) if !bos.is_empty() => text.strip_prefix(bos).unwrap_or(text),
+            _ => text,
+        }
     }
 }
 

@@ -105,6 +105,12 @@ impl Tok {
             .map_err(|e| Error::Msg(format!("cannot decode {ids:?}: {e}")))
     }
 
+    /// The text of the BOS this tokenizer's rule prepends, if any: what a
+    /// chat template's rendering must not also start with.
+    pub fn bos_text(&self) -> Option<String> {
+        self.bos.map(|b| self.token_str(b))
+    }
+
     /// One token as text (for reports); unknown ids read as `<id>`.
     pub fn token_str(&self, id: u32) -> String {
         self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"))

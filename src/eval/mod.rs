@@ -321,52 +321,58 @@ pub fn load_completions(path: &Path) -> Result<HashMap<String, Vec<String>>> {
 // ---------------------------------------------------------------- prompts
 
 /// Renders a problem's prompt text as the model was trained to see it.
-struct Prompter {
+pub struct Prompter {
     chat: Option<ChatTemplate>,
     system: Option<String>,
     template: String,
-    /// The BOS token's text: a chat template that writes it is cut, because
-    /// BOS is added as an id (the tokenisation contract).
-    bos_text: Option<String>,
 }
 
 impl Prompter {
     fn new(cfg: &Config, task: &EvalTask, tok: &Tok, model_dir: &Path) -> Result<Self> {
+        let template = match (&task.template, task.name) {
+            (Some(t), _) => t.clone(),
+            (None, TaskKind::HumanEval) => "{prompt}".into(),
+            (None, _) => cfg.data.template.clone(),
+        };
+        Self::with_template(cfg, template, tok, model_dir)
+    }
+
+    /// The prompter of training's own format (`data.template` or the chat
+    /// template): what `xtf-train generate` wraps its prompt in.
+    pub fn for_data(cfg: &Config, tok: &Tok, model_dir: &Path) -> Result<Self> {
+        Self::with_template(cfg, cfg.data.template.clone(), tok, model_dir)
+    }
+
+    fn with_template(cfg: &Config, template: String, tok: &Tok, model_dir: &Path) -> Result<Self> {
         let d = &cfg.data;
         let chat = if d.chat_template {
             let tc = model_dir.join("tokenizer_config.json");
             let t = ChatTemplate::from_file(&tc)?;
-            Some(t.ok_or_else(|| Error::Config {
+            let t = t.ok_or_else(|| Error::Config {
                 file: cfg.source.clone(),
                 key: "data.chat_template".into(),
                 msg: format!("{} has no chat_template", tc.display()),
-            })?)
+            })?;
+            // BOS is added as an id (the tokenisation contract), so a
+            // template that writes the added BOS's text loses it.
+            Some(t.with_added_bos(tok.bos_text()))
         } else {
             None
-        };
-        let template = match (&task.template, task.name) {
-            (Some(t), _) => t.clone(),
-            (None, TaskKind::HumanEval) => "{prompt}".into(),
-            (None, _) => d.template.clone(),
         };
         Ok(Self {
             chat,
             system: d.system.clone(),
             template,
-            bos_text: tok.bos.map(|b| tok.token_str(b)),
         })
     }
 
-    fn render(&self, prompt: &str) -> Result<String> {
+    /// The text to tokenise (after the BOS id, if the tokenizer adds one).
+    pub fn render(&self, prompt: &str) -> Result<String> {
         let Some(chat) = &self.chat else {
             return Ok(self.template.replace("{prompt}", prompt));
         };
         let m = crate::data::user_chat(self.system.as_deref(), prompt.to_string(), None);
-        let text = chat.render(&m, true)?;
-        Ok(match self.bos_text.as_deref() {
-            Some(b) if !b.is_empty() => text.strip_prefix(b).unwrap_or(&text).to_string(),
-            _ => text,
-        })
+        Ok(chat.render_prompt(&m)?)
     }
 }
 

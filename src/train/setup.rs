@@ -40,7 +40,7 @@ pub fn setup(cfg: &Config) -> Result<Setup> {
     let chat = match tc.exists() {
         false => None,
         true => match crate::data::formats::ChatTemplate::from_file(&tc) {
-            Ok(t) => t,
+            Ok(t) => t.map(|t| t.with_added_bos(tok.bos_text())),
             Err(e) if d.chat_template => return Err(e.into()),
             Err(e) => {
                 tracing::warn!("ignoring the chat template: {e}");
