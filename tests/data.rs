@@ -448,10 +448,9 @@ fn chat_ids_are_the_whole_rendering_tokenised_once() {
         "[INST]",
         "[/INST]",
     ];
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("chat_expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("chat_expected.json")).unwrap())
+            .unwrap();
     // (fixture config, keys of the real tokenizer_config.json the fixture
     // leaves out, BOS added by the real tokenizer.json's post-processor)
     let qwen = "qwen2.5_tokenizer_config.json";
@@ -491,7 +490,8 @@ fn chat_ids_are_the_whole_rendering_tokenised_once() {
             .unwrap()
             .with_added_bos(t.bos_text());
         let cases = expected["cases"].as_array().unwrap().iter();
-        let splits = |c: &&serde_json::Value| c.get("split").is_some_and(|s| s.get("error").is_none());
+        let splits =
+            |c: &&serde_json::Value| c.get("split").is_some_and(|s| s.get("error").is_none());
         for case in cases.filter(|c| c["template"] == file).filter(splits) {
             let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
             let (prompt, response) = tmpl.split_prompt_response(&messages).unwrap();

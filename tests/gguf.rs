@@ -687,9 +687,13 @@ fn smollm2_chats_match_transformers_chat_ids() {
         serde_json::from_str(&std::fs::read_to_string(fx).unwrap()).unwrap();
     let f = GgufFile::open(&path).unwrap();
     let tcfg = f.tokenizer_config().unwrap();
-    let tok =
-        xtf_train::data::tokenizer::Tok::from_parts(f.tokenizer().unwrap(), Some(&tcfg), None, &path)
-            .unwrap();
+    let tok = xtf_train::data::tokenizer::Tok::from_parts(
+        f.tokenizer().unwrap(),
+        Some(&tcfg),
+        None,
+        &path,
+    )
+    .unwrap();
     let chat = xtf_train::data::formats::ChatTemplate::from_tokenizer_config(&tcfg)
         .unwrap()
         .unwrap()
@@ -704,8 +708,7 @@ fn smollm2_chats_match_transformers_chat_ids() {
     )
     .unwrap()
     .data;
-    let recs =
-        xtf_train::data::load_records(train.to_str().unwrap(), &d, Some(&chat)).unwrap();
+    let recs = xtf_train::data::load_records(train.to_str().unwrap(), &d, Some(&chat)).unwrap();
     let (ex, stats) = xtf_train::data::tokenize(&recs, &tok, &d.template, 1 << 16).unwrap();
     assert_eq!((ex.len(), stats.truncated, stats.dropped), (200, 0, 0));
     let differ: Vec<u64> = want["differ"]
@@ -714,7 +717,11 @@ fn smollm2_chats_match_transformers_chat_ids() {
         .iter()
         .map(|x| x.as_u64().unwrap())
         .collect();
-    assert_eq!(differ, [44], "transformers' GGUF tokenizer vs SmolLM2's rules");
+    assert_eq!(
+        differ,
+        [44],
+        "transformers' GGUF tokenizer vs SmolLM2's rules"
+    );
     let ids = |v: &serde_json::Value| -> Vec<u32> {
         v.as_array()
             .unwrap()
@@ -724,7 +731,11 @@ fn smollm2_chats_match_transformers_chat_ids() {
     };
     let im_start = tok.inner.token_to_id("<|im_start|>").unwrap();
     for (i, (e, c)) in ex.iter().zip(want["chats"].as_array().unwrap()).enumerate() {
-        let sfx = if differ.contains(&(i as u64)) { "_original" } else { "" };
+        let sfx = if differ.contains(&(i as u64)) {
+            "_original"
+        } else {
+            ""
+        };
         assert_eq!(e.ids, ids(&c[format!("ids{sfx}")]), "chat {i}");
         assert_eq!(
             e.label_start as u64,

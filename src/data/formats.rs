@@ -761,11 +761,7 @@ impl ChatTemplate {
         &self.name
     }
 
-    fn new(
-        source: String,
-        tokens: BTreeMap<String, JinjaValue>,
-        name: &str,
-    ) -> Result<Self> {
+    fn new(source: String, tokens: BTreeMap<String, JinjaValue>, name: &str) -> Result<Self> {
         let mut env = Environment::new();
         env.set_syntax(
             minijinja::syntax::SyntaxConfig::builder()
@@ -837,7 +833,10 @@ impl ChatTemplate {
                  assistant turn, with add_generation_prompt), so it cannot be split into prompt and response",
             ));
         };
-        Ok((self.strip_added_bos(&prompt).to_string(), response.to_string()))
+        Ok((
+            self.strip_added_bos(&prompt).to_string(),
+            response.to_string(),
+        ))
     }
 
     /// A prompt for generation: the chat rendered with the assistant header
