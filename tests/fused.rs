@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use xtf_train::model::fused::{self as fz, composite, AttnMask};
+use xtf_train::model::kernels::{self as fz, composite, AttnMask};
 use xtf_train::model::linear::LoraAdapter;
 use xtf_train::model::{Fwd, Linear};
 
@@ -588,7 +588,7 @@ fn lora_linear_input_without_gradient_and_fallbacks() {
 
 #[test]
 fn split_heads_with_rope_matches_composite_and_finite_differences() {
-    use xtf_train::model::fused_heads::{self as fh, composite as hc};
+    use xtf_train::model::kernels::{self as fh, composite as hc};
     let mut r = rng(31);
     let (b, t, n, d) = (2, 5, 3, 6);
     let x = randn(&mut r, &[b, t, n * d], 1.0, DType::F64).unwrap();
@@ -703,7 +703,7 @@ fn attention_core_matches_composite_and_finite_differences() {
     let e = Tensor::zeros((1, 2, 0, d), DType::F32, &Device::Cpu).unwrap();
     assert!(fz::attention(&e, &e, &e, 1.0, &AttnMask::causal(), None, false).is_err());
     let e3 = Tensor::zeros((1, 0, 8), DType::F32, &Device::Cpu).unwrap();
-    assert!(xtf_train::model::fused_heads::split_heads(&e3, 2, None).is_err());
+    assert!(xtf_train::model::kernels::split_heads(&e3, 2, None).is_err());
 }
 
 #[test]

@@ -188,7 +188,7 @@ fn each_term_matches_the_graph_of_its_op() {
     // Each per-op term of the plan against what the autograd graph of that
     // op alone holds, fused (CPU kernels) and composite (the off-CPU path),
     // f32 and bf16 weights.
-    use xtf_train::model::fused::{self, composite, AttnMask};
+    use xtf_train::model::kernels::{self as fused, composite, AttnMask};
     use xtf_train::train::memory::{
         attn_bytes, attn_core_bytes, head_bytes, norm_bytes, swiglu_bytes,
     };

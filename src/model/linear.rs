@@ -204,7 +204,7 @@ impl Linear {
                 })
             }
             (None, _) | (_, true) if !self.frozen && trainable_fusable(x, &self.weight) => {
-                let op = crate::model::fused_linear::TrainableMatmul;
+                let op = crate::model::kernels::linear::TrainableMatmul;
                 let y = x.contiguous()?.apply_op2(&self.weight, op)?;
                 Ok(match &self.bias {
                     Some(b) => y.broadcast_add(b)?,
@@ -216,7 +216,7 @@ impl Linear {
     }
 
     /// A frozen f32/f64 layer with an adapter on the CPU runs as one op
-    /// ([`crate::model::fused_linear`]); the result equals
+    /// ([`crate::model::kernels::linear`]); the result equals
     /// [`Self::forward_composite`] up to summation order.
     pub fn fusable(&self, x: &Tensor, l: &LoraAdapter) -> bool {
         let dt = x.dtype();
@@ -239,7 +239,7 @@ impl Linear {
             (Some(rng), true) => Some(dropout_values(m * k, l.dropout, rng)),
             _ => None,
         };
-        let op = crate::model::fused_linear::LoraLinear {
+        let op = crate::model::kernels::linear::LoraLinear {
             w: self.weight.clone(),
             scale: l.scale,
             mask,
@@ -288,7 +288,7 @@ impl Linear {
 }
 
 /// Full fine-tuning's `x Wᵀ` runs as one op on the CPU for contiguous
-/// f32/f64 weights ([`crate::model::fused_linear::TrainableMatmul`]).
+/// f32/f64 weights ([`crate::model::kernels::linear::TrainableMatmul`]).
 pub fn trainable_fusable(x: &Tensor, w: &Tensor) -> bool {
     x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)

@@ -7,15 +7,11 @@
 //! differentiable candle op, and an optional observer sees each layer's
 //! probabilities while only that layer's T×T matrix is alive.
 
-pub(crate) mod cpu;
-pub mod fused;
-pub mod fused_heads;
-pub(crate) mod fused_linear;
 pub mod gguf;
+pub mod kernels;
 pub mod linear;
 pub mod load;
 pub mod lora;
-pub mod ops;
 
 pub use linear::{Fwd, Linear};
 pub use load::{
@@ -23,8 +19,7 @@ pub use load::{
 };
 
 use crate::error::{Error, Result};
-use crate::model::fused::AttnMask;
-use crate::model::fused_heads::{merge_heads, split_heads};
+use crate::model::kernels::{merge_heads, split_heads, AttnMask};
 use crate::model::linear::check_shape;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
@@ -631,7 +626,7 @@ impl Model {
         let m = &layer.mlp;
         let g = m.gate.forward(&h, fwd)?;
         let u = m.up.forward(&h, fwd)?;
-        Ok((x + m.down.forward(&fused::swiglu(&g, &u)?, fwd)?)?)
+        Ok((x + m.down.forward(&kernels::swiglu(&g, &u)?, fwd)?)?)
     }
 
     /// Returns the attention output and, when `want_probs`, the
@@ -648,15 +643,15 @@ impl Model {
         let c = &self.cfg;
         let (cos, sin) = (&ctx.cos, &ctx.sin);
         // Split into heads with RoPE applied (one op each on the CPU:
-        // fused_heads).
+        // kernels::heads).
         let rope = Some((cos, sin));
         let q = split_heads(&a.q.forward(x, fwd)?, c.num_heads, rope)?;
         let mut k = split_heads(&a.k.forward(x, fwd)?, c.num_kv_heads, rope)?;
         let mut v = split_heads(&a.v.forward(x, fwd)?, c.num_kv_heads, None)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         if cache.is_none() {
-            // Training, scoring and plain forwards: one op (fused::attention).
-            let (y, probs) = fused::attention(
+            // Training, scoring and plain forwards: one op (kernels::attention).
+            let (y, probs) = kernels::attention(
                 &q,
                 &k,
                 &v,
@@ -679,9 +674,9 @@ impl Model {
         let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
         let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
         // Scale, mask and softmax in one pass, in f32 as transformers' eager
-        // attention does (fused::attn_softmax; composite ops off the CPU).
+        // attention does (kernels::attn_softmax; composite ops off the CPU).
         let scores = q.matmul(&k.t()?)?;
-        let probs = fused::attn_softmax(&scores, scale, &ctx.mask, ctx.additive.as_ref())?;
+        let probs = kernels::attn_softmax(&scores, scale, &ctx.mask, ctx.additive.as_ref())?;
         let y = probs.to_dtype(self.dtype)?.matmul(&v)?;
         Ok((a.o.forward(&merge_heads(&y)?, fwd)?, Some(probs)))
     }
@@ -746,10 +741,10 @@ impl Layer {
 }
 
 /// RMSNorm in f32, differentiable (candle's fused rms_norm has no backward):
-/// one fused pass with a hand-written backward on CPU ([`fused::rms_norm`]),
+/// one fused pass with a hand-written backward on CPU ([`kernels::rms_norm`]),
 /// candle's composite ops elsewhere.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(fused::rms_norm(x, w, eps)?)
+    Ok(kernels::rms_norm(x, w, eps)?)
 }
 
 /// f32 for every weight dtype except f64.

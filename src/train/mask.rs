@@ -22,7 +22,7 @@
 use crate::config::{Config, MaskSection, Scope, Strategy};
 use crate::data::{self, Example};
 use crate::error::{Error, Result};
-use crate::model::ops::token_ce;
+use crate::model::kernels::token_ce;
 use crate::model::Fwd;
 use crate::model::Model;
 use crate::train::Setup;

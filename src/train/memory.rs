@@ -257,7 +257,7 @@ pub fn attn_bytes(rows: u64, keys: u64, e: u64, fused: bool) -> u64 {
     s * (e + C) + cast(e, s * (C + e)) + composite
 }
 
-/// Bytes the fused attention core ([`crate::model::fused::attention`])
+/// Bytes the fused attention core ([`crate::model::kernels::attention`])
 /// keeps for `rows` (B·nh·T) query rows over `keys` keys: only the
 /// probabilities, inside the op (its merged output is counted apart).
 pub fn attn_core_bytes(rows: u64, keys: u64, e: u64) -> u64 {

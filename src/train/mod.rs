@@ -33,7 +33,7 @@ use std::time::Instant;
 /// `sum_p m_p · CE_p` over one micro-batch (the spec's numerator).
 pub fn masked_ce_sum(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     let w = batch.weights.to_dtype(logits.dtype())?;
-    Ok((crate::model::ops::token_ce(logits, &batch.targets)? * w)?.sum_all()?)
+    Ok((crate::model::kernels::token_ce(logits, &batch.targets)? * w)?.sum_all()?)
 }
 
 /// Forward + backward of one micro-batch, its loss divided by `norm`, the
@@ -64,7 +64,7 @@ pub fn slm_loss_step(
     fwd: &mut Fwd,
 ) -> Result<(f64, GradStore)> {
     let (loss, grads) = backward(model, batch, fwd, |logits| {
-        let ce = crate::model::ops::token_ce(logits, &batch.targets)?;
+        let ce = crate::model::kernels::token_ce(logits, &batch.targets)?;
         let excess = (ce.detach() - ref_loss)?.flatten_all()?.to_vec1::<f32>()?;
         let labels = batch.weights.flatten_all()?.to_vec1::<f32>()?;
         let keep = crate::train::mask::slm_select(&excess, &labels, n_keep);

@@ -146,8 +146,9 @@ pub fn score_batch(
         Ok(())
     };
     let logits = model.forward(&batch.input, &mut base_fwd(), Some(&mut observer))?;
-    let ce = crate::model::ops::token_ce(&logits.detach().to_dtype(DType::F32)?, &batch.targets)?
-        .to_vec2::<f32>()?;
+    let ce =
+        crate::model::kernels::token_ce(&logits.detach().to_dtype(DType::F32)?, &batch.targets)?
+            .to_vec2::<f32>()?;
     let received = match received {
         Some(r) => (r / opts.layers.len() as f64)?.to_vec2::<f32>()?,
         None => {

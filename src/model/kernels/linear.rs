@@ -17,8 +17,8 @@
 //! else takes the composite path in [`crate::model::Linear`], which is also
 //! the reference the tests compare against.
 
-use crate::model::cpu::{
-    as_uninit, by_real, cpu_slice, gemm_into, parallelism, product, with_slice, GemmElem, Mat,
+use crate::model::kernels::cpu::{
+    as_uninit, cpu_slice, gemm_into, parallelism, product, with_slice, GemmElem, Mat,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::{

@@ -4,15 +4,16 @@
 //! Why: the composite route is reshape → transpose → contiguous → RoPE
 //! (two narrows, a neg, a cat, two broadcast muls, an add): ten graph nodes
 //! for each of q and k, and candle's backward pays a zeroed buffer plus an
-//! add pass for every node (see [`crate::model::fused_linear`]). Each op
+//! add pass for every node (see [`super::linear`]). Each op
 //! here is one pass forward and one backward. RoPE is a rotation, so its
 //! backward is the transposed rotation with the same tables; the tables
 //! are constants (they come from positions), so they live in the op.
 //!
 //! f32/f64 on the CPU; everything else (and the reference in the tests) is
-//! [`composite`].
+//! [`super::composite`].
 
-use crate::model::cpu::{by_real, cpu_slice, with_slice};
+use super::composite;
+use super::cpu::{cpu_slice, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -269,37 +270,4 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
         return composite::merge_heads(x);
     }
     x.contiguous()?.apply_op1(MergeHeads { n })
-}
-
-/// The same maths as candle ops: any device and dtype; the tests' reference.
-pub mod composite {
-    use candle_core::{Result, Tensor, D};
-
-    /// Rotary embedding, non-interleaved (HF `rotate_half`): `x cos +
-    /// rot(x) sin`, as candle's `rope_slow` but with the tables prepared
-    /// once per forward.
-    pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let half = x.dim(D::Minus1)? / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
-    }
-
-    pub fn split_heads(x: &Tensor, n: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
-        let (b, t, nd) = x.dims3()?;
-        let h = x
-            .reshape((b, t, n, nd / n))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        match rope {
-            None => Ok(h),
-            Some((c, s)) => self::rope(&h, c, s),
-        }
-    }
-
-    pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
-        let (b, n, t, d) = x.dims4()?;
-        x.transpose(1, 2)?.reshape((b, t, n * d))
-    }
 }
