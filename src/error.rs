@@ -34,9 +34,6 @@ pub enum Error {
     },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    /// A GGUF checkpoint is unreadable or unsupported (names the file).
-    #[error(transparent)]
-    Gguf(#[from] crate::model::gguf::GgufError),
     /// Anything else worth a sentence (invalid state, unsupported combination).
     #[error("{0}")]
     Msg(String),

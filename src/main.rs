@@ -170,7 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "{}: {} ({} tensors, {} parameters) -> {}",
                 gguf.display(),
-                s.arch.model_type(),
+                s.family.model_type(),
                 s.tensors,
                 s.parameters,
                 out.display()

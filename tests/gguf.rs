@@ -521,7 +521,7 @@ fn smollm() -> Option<PathBuf> {
 fn smollm2_metadata_and_tokenizer() {
     let Some(path) = smollm() else { return };
     let f = GgufFile::open(&path).expect("open");
-    let hp = f.hparams().expect("hparams");
+    let hp = f.model_config().expect("model_config");
     assert_eq!(
         (
             hp.num_layers,

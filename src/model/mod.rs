@@ -35,6 +35,26 @@ pub enum Family {
     Qwen2,
 }
 
+impl Family {
+    /// `config.json`'s `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
+    /// `config.json`'s `architectures` entry (the transformers class).
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Mistral => "MistralForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+}
+
 /// Llama-3 frequency-dependent RoPE scaling (`rope_type = "llama3"`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Llama3Scaling {
@@ -65,6 +85,9 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Mistral: a position attends to the previous `w` positions, itself included.
     pub sliding_window: Option<usize>,
+    /// The context the model was trained for (`None` when config.json
+    /// does not say).
+    pub max_position_embeddings: Option<usize>,
 }
 
 impl ModelConfig {
@@ -144,6 +167,10 @@ impl ModelConfig {
             }
         };
         let attention_bias = opt_bool("attention_bias").unwrap_or(false);
+        let max_position_embeddings = opt_usize("max_position_embeddings");
+        if max_position_embeddings == Some(0) {
+            return Err(err("max_position_embeddings must be > 0".into()));
+        }
         let sliding_window = match family {
             Family::Mistral => opt_usize("sliding_window"),
             Family::Qwen2 if opt_bool("use_sliding_window").unwrap_or(false) => {
@@ -170,6 +197,7 @@ impl ModelConfig {
             o_bias: family == Family::Llama && attention_bias,
             mlp_bias: family == Family::Llama && opt_bool("mlp_bias").unwrap_or(false),
             sliding_window,
+            max_position_embeddings,
         })
     }
 
