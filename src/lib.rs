@@ -6,11 +6,14 @@
 //!
 //! A run's stages, in the order [`pipeline`] wires them:
 //! [`assets`] (embedded defaults) → [`data`] (records → tokenised examples) →
-//! [`model`] (decoder, LoRA) → [`xtf`] (scoring pass, filters, mask) →
-//! [`train`] (loss masks, optimizer loop, checkpoints) → [`eval`]
-//! (generation and benchmarks).
+//! [`model`] (decoder, LoRA, kernels, GGUF) → [`setup`] (model + tokenizer +
+//! tokenised data, loaded and checked) → [`xtf`] (scoring pass, filters,
+//! mask) or [`baselines`] (the paper's other masks) → [`train`] (the loss
+//! mask interface, optimizer loop, checkpoints) → [`eval`] (generation and
+//! benchmarks).
 
 pub mod assets;
+pub mod baselines;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -18,6 +21,7 @@ pub mod eval;
 pub mod io;
 pub mod model;
 pub mod pipeline;
+pub mod setup;
 pub mod train;
 pub mod xtf;
 

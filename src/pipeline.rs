@@ -6,9 +6,11 @@
 use crate::config::{Config, Strategy};
 use crate::error::Result;
 use crate::eval::{self, gen};
-use crate::train::{self, LossMask, RunOptions, Setup};
+use crate::model::Trainable;
+use crate::setup::{open_model, setup, Opened, Setup};
+use crate::train::{self, LossMask, RunOptions};
 use crate::xtf::{self, XtfRun};
-use crate::{assets, data::tokenizer::Tok, model};
+use crate::assets;
 use std::path::{Path, PathBuf};
 
 /// Command-line switches that change how a run goes, not what it computes.
@@ -44,15 +46,15 @@ pub fn loss_mask(cfg: &Config, s: &mut Setup, sw: Switches) -> Result<(Option<Xt
         Strategy::None => (None, LossMask::All),
         _ => {
             let m = cfg.mask.clone().unwrap_or_default();
-            (None, train::mask::prepare(cfg, s, &m)?)
+            (None, crate::baselines::prepare(cfg, s, &m)?)
         }
     })
 }
 
 /// `xtf-train score`: only the XTF scoring pass and its outputs.
 pub fn score(cfg: &Config, sw: Switches) -> Result<XtfRun> {
-    let setup = train::setup(cfg)?;
-    xtf::prepare(cfg, &setup, sw.rescore, sw.quiet)
+    let s = setup(cfg)?;
+    xtf::prepare(cfg, &s, sw.rescore, sw.quiet)
 }
 
 /// The whole pipeline: setup, mask, training, the report's loss curve and,
@@ -63,7 +65,7 @@ pub fn run(cfg: &Config, sw: Switches) -> Result<train::TrainReport> {
         // A bad [eval] task fails now, not after the training run.
         eval::check(cfg)?;
     }
-    let mut setup = train::setup(cfg)?;
+    let mut setup = setup(cfg)?;
     // Before the scoring pass and the first step: a run that cannot fit on
     // the card stops now, naming the numbers.
     train::memory::check(cfg, &setup.model.cfg, &setup.model.device)?;
@@ -74,7 +76,7 @@ pub fn run(cfg: &Config, sw: Switches) -> Result<train::TrainReport> {
     };
     let report = train::train(cfg, &mut setup, &mask, opts)?;
     if let Some(r) = &xtf_run {
-        xtf::write_report(cfg, &setup, r, &report.metrics)?;
+        xtf::write_report(cfg, &setup, r, &loss_points(&report.metrics))?;
     }
     if eval_after {
         let opts = eval::EvalOptions {
@@ -113,27 +115,14 @@ pub fn evaluate(cfg: &Config, target: EvalTarget, quiet: bool) -> Result<eval::E
         EvalTarget::Model { dir, adapter } => (dir, adapter),
     };
     eval::check(cfg)?;
-    let dir = match dir {
-        Some(dir) => dir,
-        None => model::resolve_model_dir(
-            &cfg.model.path,
-            cfg.model.revision.as_deref(),
-            cfg.model.dtype.dtype(),
-        )?,
-    };
-    let tok = Tok::load(&dir)?;
-    let m = model::lora::load_frozen(
-        &dir,
-        cfg.model.dtype.dtype(),
-        &cfg.device()?,
-        adapter.as_deref(),
-    )?;
+    let Opened { model, tok, dir } =
+        open_model(cfg, dir.as_deref(), adapter.as_deref(), Trainable::Frozen)?;
     let label = match &adapter {
         Some(a) => format!("{} + adapter {}", dir.display(), a.display()),
         None => dir.display().to_string(),
     };
     let source = eval::Source::Model {
-        model: &m,
+        model: &model,
         tok: &tok,
         model_dir: &dir,
     };
@@ -149,16 +138,21 @@ pub fn generate(
     adapter: Option<&Path>,
     opts: &gen::GenOptions,
 ) -> Result<String> {
-    let dir = model::resolve_model_dir(
-        &cfg.model.path,
-        cfg.model.revision.as_deref(),
-        cfg.model.dtype.dtype(),
-    )?;
-    let tok = Tok::load(&dir)?;
-    let model = model::lora::load_frozen(&dir, cfg.model.dtype.dtype(), &cfg.device()?, adapter)?;
+    let Opened { model, tok, dir } = open_model(cfg, None, adapter, Trainable::Frozen)?;
     let prompter = eval::Prompter::for_data(cfg, &tok, &dir)?;
     let mut ids: Vec<u32> = tok.bos.into_iter().collect();
     ids.extend(tok.encode(&prompter.render(prompt)?)?);
     let out = gen::generate(&model, &tok, &[ids], opts)?;
     Ok(out.into_iter().next().map(|g| g.text).unwrap_or_default())
+}
+
+/// The report's loss curve from the training metrics.
+fn loss_points(m: &[train::metrics::StepMetrics]) -> Vec<xtf::html::LossPoint> {
+    m.iter()
+        .map(|m| xtf::html::LossPoint {
+            step: m.step,
+            loss: m.loss,
+            eval_loss: m.eval_loss,
+        })
+        .collect()
 }

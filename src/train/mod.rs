@@ -10,15 +10,14 @@ pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod recompute;
-pub mod setup;
 
 pub use mask::LossMask;
-pub use setup::{setup, Setup};
 
 use crate::config::{Config, Method};
 use crate::data::{self, Batch, Example};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::setup::Setup;
 use crate::model::{lora, Fwd};
 use crate::train::metrics::{Metrics, StepMetrics};
 use crate::train::optim::{lr_at, AdamW, AdamWParams};

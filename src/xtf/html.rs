@@ -5,11 +5,19 @@
 
 use crate::data::tokenizer::Tok;
 use crate::data::Example;
-use crate::train::metrics::StepMetrics;
 use crate::xtf::mask::XtfMask;
 use crate::xtf::score::TokenScores;
 use crate::xtf::summary::Summary;
 use std::fmt::Write;
+
+/// One point of the report's loss curve (a training step's loss, and the
+/// eval loss when evaluated there).
+#[derive(Debug, Clone, Copy)]
+pub struct LossPoint {
+    pub step: usize,
+    pub loss: f64,
+    pub eval_loss: Option<f64>,
+}
 
 /// Everything the page shows.
 pub struct ReportInput<'a> {
@@ -18,7 +26,7 @@ pub struct ReportInput<'a> {
     pub scores: &'a [TokenScores],
     pub examples: &'a [Example],
     pub tok: &'a Tok,
-    pub metrics: &'a [StepMetrics],
+    pub metrics: &'a [LossPoint],
     pub title: &'a str,
 }
 
@@ -103,7 +111,7 @@ fn histogram(title: &str, values: &[f32], cuts: &[(f64, &str)], log_y: bool) -> 
 }
 
 /// Loss (and eval loss) against optimizer step.
-fn loss_curve(m: &[StepMetrics]) -> String {
+fn loss_curve(m: &[LossPoint]) -> String {
     if m.is_empty() {
         return "<p>No training metrics yet (run training to see the loss curve).</p>".into();
     }

@@ -10,9 +10,8 @@ pub mod summary;
 
 use crate::config::{Config, XtfSection};
 use crate::error::{Error, Result};
-use crate::train::metrics::StepMetrics;
-use crate::train::Setup;
-use crate::xtf::html::ReportInput;
+use crate::setup::Setup;
+use crate::xtf::html::{LossPoint, ReportInput};
 use crate::xtf::mask::XtfMask;
 use crate::xtf::score::{ScoreOptions, TokenScores};
 use crate::xtf::summary::Summary;
@@ -90,7 +89,7 @@ fn write_scores_jsonl(path: &Path, s: &Setup, r: &XtfRun) -> Result<()> {
 }
 
 /// (Re)write `report.html`, with the loss curve once metrics exist.
-pub fn write_report(cfg: &Config, s: &Setup, r: &XtfRun, metrics: &[StepMetrics]) -> Result<()> {
+pub fn write_report(cfg: &Config, s: &Setup, r: &XtfRun, metrics: &[LossPoint]) -> Result<()> {
     let title = format!("XTF report — {}", cfg.data.train);
     let page = html::render(&ReportInput {
         summary: &r.summary,
