@@ -254,7 +254,7 @@ fn packing() -> xtf_train::Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     xtf_train::pipeline::ensure_assets(&cfg)?;
-    let mut s = xtf_train::train::setup(&cfg)?;
+    let mut s = xtf_train::setup::setup(&cfg)?;
     // --mixed: every other example cut to its prompt + 8 label tokens, for
     // the length spread packing is for (the tiny set's lengths are even).
     if flag("--mixed") {

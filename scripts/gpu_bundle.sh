@@ -2,7 +2,8 @@
 # Build, on a machine with no GPU, the CUDA binaries scripts/gpu_check.sh
 # needs, for a CUDA machine that has no Rust toolchain and no network (the
 # project's device machines): xtf-train, the training benchmark and the
-# parity / grad / packing test binaries, stripped, in one archive
+# integration test binary (its parity / grad / packing modules are what
+# gpu_check.sh runs), stripped, in one archive
 #
 #   bash scripts/gpu_bundle.sh [OUT]      # default target/gpu-bundle.tar.xz
 #
@@ -26,7 +27,7 @@ trap 'rm -rf "$stage"' EXIT
 cp target/cuda/release/xtf-train "$stage/"
 # The executables cargo reports, by target name.
 cargo test --release --features cuda --no-run --message-format=json \
-  --test parity --test grad --test packing --bench train_step |
+  --test integration --bench train_step |
   python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
@@ -37,7 +38,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
 ' "$stage"
-for f in xtf-train train_step parity grad packing; do
+for f in xtf-train train_step integration; do
   [[ -x "$stage/$f" ]] || { echo "gpu_bundle.sh: $f was not built" >&2; exit 1; }
   strip "$stage/$f"
 done

@@ -142,22 +142,17 @@ if [[ -n $prebuilt ]]; then
   bench=$bundle/train_step
   export CARGO_MANIFEST_DIR=$PWD # the test binaries read tests/fixtures from here
   model_tests() {
-    local t rc=0
-    for t in parity grad packing; do
-      echo "     Running $t"
-      timeout --signal=INT "$LIMIT" "$bundle/$t" --nocapture || rc=1
-    done
-    return $rc
+    timeout --signal=INT "$LIMIT" "$bundle/integration" --nocapture parity:: grad:: packing::
   }
 else
   stage build 330 cargo build --release $offline "${features[@]}" --bin xtf-train --bench train_step
   stage build-tests 120 cargo test --release $offline "${features[@]}" --no-run \
-    --test parity --test grad --test packing
+    --test integration
   bin=target/release/xtf-train
   bench=$(ls -t target/release/deps/train_step-* 2>/dev/null | grep -v '\.d$' | head -1)
   model_tests() {
     timeout --signal=INT "$LIMIT" cargo test --release $offline "${features[@]}" \
-      --test parity --test grad --test packing -- --nocapture
+      --test integration -- --nocapture parity:: grad:: packing::
   }
 fi
 

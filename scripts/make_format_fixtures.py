@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate the reference fixtures for `src/data/formats.rs` (tests/formats.rs).
+"""Generate the reference fixtures for `src/data/formats/` (tests/formats.rs).
 
 What: writes into `tests/fixtures/formats/`
 
@@ -42,13 +42,15 @@ For each (template, conversation) `chat_expected.json` holds
 
     rendered            {"false": ..., "true": ...} keyed by add_generation_prompt,
                         or {"error": message} when the template raises
-    split               the training split of src/data/formats.rs's
+    split               the training split of src/data/formats/chat.rs's
                         `split_prompt_response`, computed here by the same
                         rule: prompt = rendering of the messages before the
                         last assistant message with add_generation_prompt=True,
                         response = the rest of the full rendering; the
                         template's literal bos_token is removed from the start
-                        of the prompt. {"error": "not a prefix"} when the full
+                        of the prompt, as the Rust side does when the
+                        tokenizer adds that BOS (true for the real Llama-3.1
+                        and Mistral-v0.3 tokenizers; Qwen2.5 names none). {"error": "not a prefix"} when the full
                         rendering does not start with the prompt (Mistral v0.3
                         moves the system message into the LAST user turn, so a
                         system + user + assistant chat has no such split).

@@ -2,7 +2,7 @@
 //! the reference-loss pass against an independent f64 cross-entropy and the
 //! SLM training step against an ordinary masked step with a hand-made choice.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device};
 use common::{flat, random_examples, random_model, small_config, word_env};
@@ -11,10 +11,12 @@ use xtf_train::config::{Config, Scope, Strategy};
 use xtf_train::data::{label_grid, make_batch, Example};
 use xtf_train::model::Fwd;
 use xtf_train::model::Trainable;
-use xtf_train::train::mask::{
-    data_filter_keep, keep_count, read_sidecar, slm_select, token_clean_keep, token_losses,
-};
-use xtf_train::train::{loss_step, setup, slm_loss_step, LossMask};
+use xtf_train::baselines::reference::token_losses;
+use xtf_train::baselines::select::{data_filter_keep, token_clean_keep};
+use xtf_train::baselines::sidecar::read_sidecar;
+use xtf_train::setup::setup;
+use xtf_train::train::mask::{keep_count, slm_select};
+use xtf_train::train::{loss_step, slm_loss_step, LossMask};
 
 #[test]
 fn keep_count_is_the_ceiling_of_the_share() {
@@ -274,7 +276,7 @@ fn strategies_build_their_masks_from_a_reference_model() {
     let mut s = setup(&cfg).unwrap();
     // Influence computed here independently: base and reference losses.
     let base = token_losses(&s.model, &s.train, 4, s.tok.pad, true).unwrap();
-    let refm = xtf_train::train::mask::load_reference(&cfg, &s, &r).unwrap();
+    let refm = xtf_train::baselines::reference::load_reference(&cfg, &s, &r).unwrap();
     let rl = token_losses(&refm, &s.train, 4, s.tok.pad, false).unwrap();
     let inf: Vec<Vec<f32>> = base
         .iter()
@@ -286,7 +288,7 @@ fn strategies_build_their_masks_from_a_reference_model() {
     let mut sorted: Vec<f32> = inf.iter().flatten().copied().collect();
     sorted.sort_by(|a, b| b.total_cmp(a));
     let cut = sorted[keep_count(n, 0.5) - 1];
-    let m = xtf_train::train::mask::prepare(&cfg, &mut s, cfg.mask.as_ref().unwrap()).unwrap();
+    let m = xtf_train::baselines::prepare(&cfg, &mut s, cfg.mask.as_ref().unwrap()).unwrap();
     let LossMask::Weights(w) = m else {
         panic!("token_clean gives fixed weights")
     };
@@ -304,7 +306,7 @@ fn strategies_build_their_masks_from_a_reference_model() {
         &format!("[mask]\nstrategy = \"slm\"\nreference = {r:?}\n"),
     );
     let mut s = setup(&cfg).unwrap();
-    let m = xtf_train::train::mask::prepare(&cfg, &mut s, cfg.mask.as_ref().unwrap()).unwrap();
+    let m = xtf_train::baselines::prepare(&cfg, &mut s, cfg.mask.as_ref().unwrap()).unwrap();
     assert_eq!(
         m,
         LossMask::Slm {
@@ -320,7 +322,7 @@ fn strategies_build_their_masks_from_a_reference_model() {
     );
     let mut s = setup(&cfg).unwrap();
     let all = s.train.clone();
-    let m = xtf_train::train::mask::prepare(&cfg, &mut s, cfg.mask.as_ref().unwrap()).unwrap();
+    let m = xtf_train::baselines::prepare(&cfg, &mut s, cfg.mask.as_ref().unwrap()).unwrap();
     assert_eq!(m, LossMask::All);
     let kept = data_filter_keep(&inf, 0.5);
     assert_eq!(s.train.len(), all.len().div_ceil(2));
@@ -337,7 +339,7 @@ fn strategies_build_their_masks_from_a_reference_model() {
     ] {
         let cfg = config(d.path(), &mask);
         let mut s = setup(&cfg).unwrap();
-        let m = xtf_train::train::mask::prepare(&cfg, &mut s, cfg.mask.as_ref().unwrap()).unwrap();
+        let m = xtf_train::baselines::prepare(&cfg, &mut s, cfg.mask.as_ref().unwrap()).unwrap();
         let opts = xtf_train::train::RunOptions {
             quiet: true,
             resume: false,

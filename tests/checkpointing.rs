@@ -4,7 +4,7 @@
 //! fine-tuning (tied and untied embeddings), under a loss mask, with packed
 //! rows, through gradient accumulation and through `train()` itself.
 
-mod common;
+use crate::common;
 use candle_core::{DType, Tensor};
 use common::*;
 use rand::SeedableRng;
@@ -195,7 +195,7 @@ fn train_run(train_extra: &str, data_extra: &str, dropout: f64) -> (Vec<u8>, Vec
         d.path().join("out").display().to_string(),
     );
     let cfg = Config::parse(&text, std::path::Path::new("c.toml")).unwrap();
-    let mut s = xtf_train::train::setup(&cfg).unwrap();
+    let mut s = xtf_train::setup::setup(&cfg).unwrap();
     let opts = RunOptions {
         quiet: true,
         resume: false,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-mod common;
+use crate::common;
 use common::{bin, stderr};
 
 /// Run the README's embedded default once (creating the tiny assets) in a

@@ -12,7 +12,7 @@ use xtf_train::model::{Model, Trainable};
 
 const TEMPLATE: &str = "Question: {prompt}\nAnswer: ";
 
-mod common;
+use crate::common;
 use common::{bin, stderr};
 
 /// The tiny model and data, created once (shared by every test here).

@@ -409,6 +409,9 @@ fn hub_files_split_prefix_needs_a_dash_and_split_dirs_count() -> Result<()> {
 /// listing is the cached snapshot, and nothing touches the network.
 #[test]
 fn hub_offline_resolves_from_the_local_cache() -> Result<()> {
+    if !crate::common::own_process("formats::hub_offline_resolves_from_the_local_cache") {
+        return Ok(());
+    }
     let home = tempdir()?.join("hf_home");
     let repo_dir = home.join("hub/datasets--openai--gsm8k");
     let snap = repo_dir.join("snapshots/0123abcd");
@@ -422,7 +425,7 @@ fn hub_offline_resolves_from_the_local_cache() -> Result<()> {
     )?;
     std::fs::write(snap.join("socratic/train-00000-of-00001.parquet"), b"")?;
     std::fs::write(snap.join("README.md"), "# gsm8k")?;
-    // This binary's only test that reads these variables.
+    // Safe: this process runs only this test (`own_process`).
     std::env::set_var("HF_HOME", &home);
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let files = resolve_hub("openai/gsm8k", Some("main"), "train")?;

@@ -3,7 +3,7 @@
 //! (batched, left-padded prompts of different lengths, Mistral's window),
 //! seeded sampling is reproducible, stop strings cut the text.
 
-mod common;
+use crate::common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use std::collections::HashMap;

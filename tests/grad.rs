@@ -1,7 +1,7 @@
 //! Gradients against central finite differences (f64 model), gradient
 //! accumulation against one large batch, and "every trainable tensor learns".
 
-mod common;
+use crate::common;
 use candle_core::{DType, Tensor, Var};
 use common::*;
 use xtf_train::config::LoraSection;

@@ -1,6 +1,6 @@
 //! Adapter round trip and merge formula.
 
-mod common;
+use crate::common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use std::collections::HashMap;

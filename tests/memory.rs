@@ -2,7 +2,7 @@
 //! its activation formula against the bytes candle's autograd graph really
 //! holds after a forward (every tracked tensor's storage, counted once).
 
-mod common;
+use crate::common;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use common::*;
 use std::collections::HashSet;

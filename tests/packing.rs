@@ -2,7 +2,7 @@
 //! logits against each example run alone, and the loss, its normaliser and
 //! the mask unchanged by packing.
 
-mod common;
+use crate::common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use xtf_train::data::{make_batch, make_packed_batch, Example, RowLayout};

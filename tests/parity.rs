@@ -2,7 +2,7 @@
 //! checkpoints. Fixtures come from `scripts/make_fixtures.py` (eager attention,
 //! f32); CI never runs Python, only compares against these files.
 
-mod common;
+use crate::common;
 use candle_core::{DType, Device, Tensor};
 use common::{device, fixture, flat, max_abs_diff};
 use std::collections::HashMap;

@@ -2,7 +2,7 @@
 //! committed fixtures: KN from the logits, RI from `output_attentions` in
 //! float64 loops, TR from the input embeddings (scripts/make_fixtures.py).
 
-mod common;
+use crate::common;
 use candle_core::Tensor;
 use std::collections::HashMap;
 use xtf_train::config::{Distance, Layers, RiReduce, TrEmbedding};

@@ -4,11 +4,11 @@
 
 use std::path::Path;
 use xtf_train::config::Config;
-use xtf_train::train::setup;
+use xtf_train::setup::setup;
 use xtf_train::xtf::mask::{build, noisy};
 use xtf_train::xtf::prepare;
 
-mod common;
+use crate::common;
 use common::word_env as env;
 
 fn config(dir: &Path, extra_data: &str, xtf: &str) -> Config {
@@ -212,7 +212,7 @@ fn steps_with_no_unmasked_token_are_skipped_and_counted() {
     cfg.train.max_steps = Some(3);
     cfg.train.micro_batch_size = 2;
     let mut s = setup(&cfg).unwrap();
-    let values = |s: &xtf_train::train::Setup| -> Vec<Vec<f32>> {
+    let values = |s: &xtf_train::setup::Setup| -> Vec<Vec<f32>> {
         s.vars
             .iter()
             .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())

@@ -186,3 +186,27 @@ pub fn bin() -> std::process::Command {
 pub fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// For a test that must set environment variables (which every thread of a
+/// process shares): true inside a child process running only `name` (the
+/// test's full path, e.g. `formats::hub_offline...`), where the test goes
+/// on; false in the parent, which has run that child, checked it passed,
+/// and should return.
+pub fn own_process(name: &str) -> bool {
+    const CHILD: &str = "XTF_TEST_OWN_PROCESS";
+    if std::env::var_os(CHILD).is_some() {
+        return true;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .output()
+        .expect("run the test in its own process");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{name} in its own process failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    false
+}

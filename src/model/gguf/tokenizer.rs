@@ -157,7 +157,7 @@ impl GgufFile {
             Some(m) => m,
             None => {
                 let scores = self.f32_array("tokenizer.ggml.scores", n)?;
-                merges_from_scores(&tokens, &scores)
+                merges_from_scores(tokens, &scores)
                     .into_iter()
                     .map(|(a, b)| json!([a, b]))
                     .collect()
