@@ -32,6 +32,7 @@
 //!   `answer` (plus `prompt` / `response`), no prompt shared with training;
 //! - `manifest.json`: sizes, seed, target rate, realised byte and token shares.
 
+use crate::assets::synth::cap;
 use crate::assets::synth::{self, NoisyResponse, Problem};
 use crate::data::tokenizer::Tok;
 use crate::data::{self, Record};
@@ -115,14 +116,6 @@ impl Gen {
             }
         }
         out
-    }
-}
-
-fn cap(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_ascii_uppercase().to_string() + c.as_str(),
-        None => String::new(),
     }
 }
 

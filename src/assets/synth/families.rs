@@ -1,299 +1,10 @@
-//! The embedded default's data: synthetic GSM8K-style word problems, a
-//! controlled noise injector, and a byte-level BPE tokenizer trained on them.
-//!
-//! Everything here runs offline and is a pure function of its seed, so
-//! `init-tiny` produces byte-identical artefacts on every machine. Randomness
-//! comes only from `ChaCha8Rng` (portable output), integers are drawn as `i64` /
-//! `u32` (never `usize`, whose sampling depends on the pointer width), and no
-//! output depends on `HashMap` iteration order.
-//!
-//! The problems are deliberately regular: twelve problem families, each with a
-//! couple of phrasings, and responses built from a small set of fillers
-//! ("First, let's figure out ...", "So,", "Therefore, ..."). A tiny model
-//! pre-trained for a minute then predicts many tokens with high confidence,
-//! which the knowledge-novelty filter needs to see, while numbers and names
-//! stay genuinely uncertain.
+//! The twelve problem families, each a GSM8K-style story with its steps.
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::normalizers::NormalizerWrapper;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
-
-/// Special tokens in id order: `<pad>` = 0, `<s>` (BOS) = 1, `</s>` (EOS) = 2.
-pub const SPECIAL_TOKENS: [&str; 3] = ["<pad>", "<s>", "</s>"];
-
-/// Smallest vocabulary a byte-level BPE can have: the specials plus all 256 bytes.
-pub const MIN_VOCAB_SIZE: usize = SPECIAL_TOKENS.len() + 256;
-
-/// The tiny model's vocabulary: 259 base entries plus 253 merges, enough for
-/// whole common words and numbers of this corpus.
-pub const DEFAULT_VOCAB_SIZE: usize = 512;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SynthError {
-    #[error(
-        "vocab_size {vocab_size} is below the {MIN_VOCAB_SIZE} entries a byte-level BPE needs \
-        (3 special tokens + 256 bytes)"
-    )]
-    VocabTooSmall { vocab_size: usize },
-    #[error("no training text for the tokenizer")]
-    EmptyCorpus,
-    #[error("tokenizer training failed: {0}")]
-    Tokenizer(tokenizers::Error),
-}
-
-/// One GSM8K-style record. `response` ends with the line `#### {answer}`, and
-/// every `<<a op b=c>>` annotation in it is exact integer arithmetic.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub prompt: String,
-    pub response: String,
-    pub answer: i64,
-}
-
-/// A response with injected noise and where that noise is.
-///
-/// Every noise piece is an *insertion*: a sentence after a sentence end, or one
-/// extra digit inside an intermediate number (`24` becomes `274`). The clean
-/// response is therefore exactly the noisy one with the spans removed
-/// ([`NoisyResponse::without_noise`]), which is the invariant the tests check.
-/// Spans are byte ranges `[start, end)` into `response`, sorted and disjoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NoisyResponse {
-    pub response: String,
-    pub noise_spans: Vec<(usize, usize)>,
-}
-
-impl NoisyResponse {
-    /// The response with every noise span cut out: the original clean text.
-    pub fn without_noise(&self) -> String {
-        let mut out = String::with_capacity(self.response.len());
-        let mut at = 0;
-        for &(s, e) in &self.noise_spans {
-            out.push_str(&self.response[at..s]);
-            at = e;
-        }
-        out.push_str(&self.response[at..]);
-        out
-    }
-
-    /// Whether the byte range `[start, end)` (e.g. a token's offsets) touches noise.
-    /// A token counts as noise if any of its bytes is noise; an inserted sentence
-    /// starts with its own space, so byte-level tokens rarely straddle a boundary.
-    pub fn is_noise(&self, start: usize, end: usize) -> bool {
-        self.noise_spans.iter().any(|&(s, e)| start < e && s < end)
-    }
-
-    /// Bytes of noise, for measuring the realised rate.
-    pub fn noise_len(&self) -> usize {
-        self.noise_spans.iter().map(|(s, e)| e - s).sum()
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Problem generation
-// ---------------------------------------------------------------------------
-
-/// `n` problems from one seeded stream. Problems are drawn in order, so
-/// `generate_problems(n, s)` is a prefix of `generate_problems(m, s)` for m > n.
-pub fn generate_problems(n: usize, seed: u64) -> Vec<Problem> {
-    let all: Vec<usize> = (0..N_FAMILIES).collect();
-    generate_problems_in(n, seed, &all)
-}
-
-/// Number of problem families (wages, discounts, distances, ...).
-pub const N_FAMILIES: usize = 12;
-
-/// Like [`generate_problems`], drawing only from the given family indices
-/// (`< N_FAMILIES`). The tiny base model is pre-trained on a subset so that
-/// fine-tuning on all families has something new to teach.
-pub fn generate_problems_in(n: usize, seed: u64, families: &[usize]) -> Vec<Problem> {
-    let mut g = Gen(ChaCha8Rng::seed_from_u64(seed));
-    (0..n).map(|_| g.problem(families)).collect()
-}
-
-/// A family's output before the shared response scaffolding is added.
-struct Draft {
-    prompt: String,
-    /// Sub-question for the optional "First, let's figure out ..." opener.
-    first: String,
-    /// Reasoning sentences without end punctuation; may start lowercase.
-    steps: Vec<String>,
-    /// The answer restated as a sentence body, for the "Therefore, ..." line.
-    conclusion: String,
-    answer: i64,
-}
-
-#[derive(Clone, Copy)]
-enum Op {
-    Add,
-    Sub,
-    Mul,
-    Div,
-}
-
-/// Exact arithmetic; families pick operands so that `Div` has no remainder.
-/// Returns the result and the GSM8K text `a op b = <<a op b=c>>c`. With
-/// `dollars`, money operands and the result get a `$` (both operands of +/-,
-/// the first of * and /), the way GSM8K writes `$12 * 5 = $<<12*5=60>>60`.
-fn calc(a: i64, op: Op, b: i64, dollars: bool) -> (i64, String) {
-    let (c, sym) = match op {
-        Op::Add => (a + b, '+'),
-        Op::Sub => (a - b, '-'),
-        Op::Mul => (a * b, '*'),
-        Op::Div => (a / b, '/'),
-    };
-    debug_assert!(!matches!(op, Op::Div) || a % b == 0, "inexact {a}/{b}");
-    let d = if dollars { "$" } else { "" };
-    let db = if dollars && matches!(op, Op::Add | Op::Sub) {
-        "$"
-    } else {
-        ""
-    };
-    (
-        c,
-        format!("{d}{a} {sym} {db}{b} = {d}<<{a}{sym}{b}={c}>>{c}"),
-    )
-}
-
-fn cap(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_ascii_uppercase().to_string() + c.as_str(),
-        None => String::new(),
-    }
-}
-
-/// A named person with pronouns (subject, object, possessive).
-#[derive(Clone, Copy)]
-struct Person {
-    name: &'static str,
-    she: &'static str,
-    her: &'static str,
-    his: &'static str,
-}
-
-/// First names with whether "she" applies; shared with `controlled`.
-pub(crate) const NAMES: [(&str, bool); 24] = [
-    ("Natalia", true),
-    ("James", false),
-    ("Maria", true),
-    ("Tom", false),
-    ("Aisha", true),
-    ("Carlos", false),
-    ("Emma", true),
-    ("Liam", false),
-    ("Sofia", true),
-    ("Noah", false),
-    ("Mei", true),
-    ("Omar", false),
-    ("Hannah", true),
-    ("Ben", false),
-    ("Priya", true),
-    ("Lucas", false),
-    ("Julia", true),
-    ("Ethan", false),
-    ("Grace", true),
-    ("Mark", false),
-    ("Zoe", true),
-    ("Ravi", false),
-    ("Olivia", true),
-    ("Jack", false),
-];
-
-struct Gen(ChaCha8Rng);
-
-impl Gen {
-    fn int(&mut self, lo: i64, hi: i64) -> i64 {
-        self.0.gen_range(lo..=hi)
-    }
-
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.0.gen_range(0..xs.len() as u32) as usize]
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        self.0.gen_bool(p)
-    }
-
-    fn person(&mut self) -> Person {
-        let (name, female) = self.pick(&NAMES);
-        let (she, her, his) = if female {
-            ("she", "her", "her")
-        } else {
-            ("he", "him", "his")
-        };
-        Person {
-            name,
-            she,
-            her,
-            his,
-        }
-    }
-
-    fn problem(&mut self, allowed: &[usize]) -> Problem {
-        let families: [fn(&mut Gen) -> Draft; N_FAMILIES] = [
-            fam_fraction,
-            fam_change,
-            fam_wage,
-            fam_discount,
-            fam_progress,
-            fam_distance,
-            fam_share,
-            fam_savings,
-            fam_boxes,
-            fam_ages,
-            fam_percent_group,
-            fam_production,
-        ];
-        let pool: Vec<fn(&mut Gen) -> Draft> = allowed
-            .iter()
-            .filter_map(|&i| families.get(i).copied())
-            .collect();
-        let draft = self.pick(if pool.is_empty() {
-            &families[..]
-        } else {
-            &pool
-        })(self);
-        self.assemble(draft)
-    }
-
-    /// Wrap a family's steps in the shared scaffolding: an optional opener,
-    /// optional connectors, an optional restating conclusion, and `#### N`.
-    fn assemble(&mut self, d: Draft) -> Problem {
-        let mut lines = Vec::with_capacity(d.steps.len() + 3);
-        match self.int(0, 9) {
-            0..=3 => lines.push(format!("First, let's figure out {}.", d.first)),
-            4..=5 => lines.push("Let's solve this step by step.".to_string()),
-            _ => {}
-        }
-        for (i, step) in d.steps.iter().enumerate() {
-            let conn = if i > 0 && self.chance(0.3) {
-                self.pick(&["So, ", "Then, ", "Next, "])
-            } else {
-                ""
-            };
-            lines.push(cap(&format!("{conn}{step}.")));
-        }
-        match self.int(0, 3) {
-            0 | 1 => lines.push(format!("Therefore, {}.", d.conclusion)),
-            2 => lines.push(format!("So the answer is {}.", d.answer)),
-            _ => {}
-        }
-        lines.push(format!("#### {}", d.answer));
-        Problem {
-            prompt: d.prompt,
-            response: lines.join("\n"),
-            answer: d.answer,
-        }
-    }
-}
+use super::{calc, cap, Draft, Gen, Op};
 
 /// "Natalia sold 48 clips in April and half as many in May": a fraction or a
 /// multiple of a first amount, then a sum; sometimes a third period (4 steps).
-fn fam_fraction(g: &mut Gen) -> Draft {
+pub(super) fn fam_fraction(g: &mut Gen) -> Draft {
     let p = g.person();
     let (item, past, base) = g.pick(&[
         ("clips", "sold", "sell"),
@@ -360,7 +71,7 @@ fn fam_fraction(g: &mut Gen) -> Draft {
 }
 
 /// Shopping with a bill: item costs, a total, then the change (2 or 4 steps).
-fn fam_change(g: &mut Gen) -> Draft {
+pub(super) fn fam_change(g: &mut Gen) -> Draft {
     let p = g.person();
     const GOODS: [(&str, i64, i64); 8] = [
         ("notebooks", 2, 6),
@@ -417,7 +128,7 @@ fn fam_change(g: &mut Gen) -> Draft {
 }
 
 /// Hourly pay: a day's or a week's earnings, plus a tip or minus spending.
-fn fam_wage(g: &mut Gen) -> Draft {
+pub(super) fn fam_wage(g: &mut Gen) -> Draft {
     let p = g.person();
     let job = g.pick(&[
         "babysitting",
@@ -483,7 +194,7 @@ fn fam_wage(g: &mut Gen) -> Draft {
 }
 
 /// A percentage discount, computed GSM8K-style as 10% then a multiple of it.
-fn fam_discount(g: &mut Gen) -> Draft {
+pub(super) fn fam_discount(g: &mut Gen) -> Draft {
     let (one, many) = g.pick(&[
         ("jacket", "jackets"),
         ("bike", "bikes"),
@@ -535,7 +246,7 @@ fn fam_discount(g: &mut Gen) -> Draft {
 }
 
 /// Work remaining divided by a daily rate: how many more days.
-fn fam_progress(g: &mut Gen) -> Draft {
+pub(super) fn fam_progress(g: &mut Gen) -> Draft {
     let p = g.person();
     let (thing, unit, past, base) = g.pick(&[
         ("book", "pages", "read", "read"),
@@ -569,7 +280,7 @@ fn fam_progress(g: &mut Gen) -> Draft {
 }
 
 /// Two legs of a trip at different speeds; sometimes the distance still to go.
-fn fam_distance(g: &mut Gen) -> Draft {
+pub(super) fn fam_distance(g: &mut Gen) -> Draft {
     let p = g.person();
     let (verb, speed, unit, lo, hi) = g.pick(&[
         ("drives", "miles per hour", "miles", 30, 70),
@@ -612,7 +323,7 @@ fn fam_distance(g: &mut Gen) -> Draft {
 }
 
 /// Give some away, then share the rest equally (2 or 3 steps).
-fn fam_share(g: &mut Gen) -> Draft {
+pub(super) fn fam_share(g: &mut Gen) -> Draft {
     let p = g.person();
     let item = g.pick(&[
         "marbles",
@@ -664,7 +375,7 @@ fn fam_share(g: &mut Gen) -> Draft {
 }
 
 /// Weekly savings, an optional gift, then a purchase.
-fn fam_savings(g: &mut Gen) -> Draft {
+pub(super) fn fam_savings(g: &mut Gen) -> Draft {
     let p = g.person();
     let thing = g.pick(&["bike", "tablet", "skateboard", "watch", "telescope"]);
     let (s, w) = (g.int(5, 25), g.int(3, 12));
@@ -695,7 +406,7 @@ fn fam_savings(g: &mut Gen) -> Draft {
 }
 
 /// Boxes times items per box, minus what is used, sometimes split into bags.
-fn fam_boxes(g: &mut Gen) -> Draft {
+pub(super) fn fam_boxes(g: &mut Gen) -> Draft {
     let p = g.person();
     let (item, purpose) = g.pick(&[
         ("crayons", "make a poster"),
@@ -741,7 +452,7 @@ fn fam_boxes(g: &mut Gen) -> Draft {
 }
 
 /// A multiple of an age, years later; sometimes the sum of both ages.
-fn fam_ages(g: &mut Gen) -> Draft {
+pub(super) fn fam_ages(g: &mut Gen) -> Draft {
     let p = g.person();
     let rel = g.pick(&["aunt", "uncle", "father", "mother", "cousin"]);
     let (a, k, y) = (g.int(4, 15), g.int(2, 4), g.int(2, 10));
@@ -780,7 +491,7 @@ fn fam_ages(g: &mut Gen) -> Draft {
 }
 
 /// A percentage of a group, and the rest of the group.
-fn fam_percent_group(g: &mut Gen) -> Draft {
+pub(super) fn fam_percent_group(g: &mut Gen) -> Draft {
     let (place, noun, yes, no) = g.pick(&[
         ("a class", "students", "wear glasses", "do not wear glasses"),
         (
@@ -813,7 +524,7 @@ fn fam_percent_group(g: &mut Gen) -> Draft {
 }
 
 /// Daily output over weeks, sometimes turned into money.
-fn fam_production(g: &mut Gen) -> Draft {
+pub(super) fn fam_production(g: &mut Gen) -> Draft {
     let (maker, goods) = g.pick(&[
         ("bakery", "loaves of bread"),
         ("farm", "eggs"),
@@ -851,199 +562,4 @@ fn fam_production(g: &mut Gen) -> Draft {
         conclusion: format!("the {maker} makes {t} {goods} in {w} weeks"),
         answer: t,
     }
-}
-
-// ---------------------------------------------------------------------------
-// Noise injection
-// ---------------------------------------------------------------------------
-
-const FILLER_WORDS: [&str; 10] = [
-    "um",
-    "like",
-    "basically",
-    "actually",
-    "you know",
-    "so yeah",
-    "hmm",
-    "right",
-    "well",
-    "okay",
-];
-
-const OFF_TASK: [&str; 12] = [
-    "The weather was sunny and warm that afternoon.",
-    "It might rain later, so bring an umbrella.",
-    "A good pancake batter needs two eggs and a cup of milk.",
-    "Banana bread tastes best with very ripe bananas.",
-    "My favorite color has always been green.",
-    "The local football team won their game last night.",
-    "Cats usually sleep for most of the day.",
-    "Tomato soup is easy to make with fresh basil.",
-    "The museum downtown opens at nine on weekends.",
-    "Remember to water the plants on Sunday.",
-    "The sky looked very cloudy this morning.",
-    "Pizza dough should rest for about an hour.",
-];
-
-/// Insert noise into `problem.response` until about `rate` of the noisy
-/// response's bytes are noise (`rate` is clamped to [0, 0.9]).
-///
-/// Kinds, all insertions (see [`NoisyResponse`]): a run of filler words or an
-/// off-task sentence after a sentence end (each starts with a space, so it
-/// tokenises into whole tokens), or one extra digit inside the visible result
-/// of a non-final annotation (`<<48/2=24>>24` becomes `<<48/2=24>>214`); the
-/// annotation itself and the `#### N` line are never touched. The last piece
-/// is kept at random so that the expected noise equals the target: the rate is
-/// met on average over many responses, not exactly per response. Callers should vary
-/// `seed` per problem (e.g. `seed ^ index`).
-pub fn inject_noise(problem: &Problem, rate: f64, seed: u64) -> NoisyResponse {
-    let clean = problem.response.as_str();
-    let rate = rate.clamp(0.0, 0.9);
-    let target = rate / (1.0 - rate) * clean.len() as f64;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let boundaries = sentence_ends(clean);
-    let mut numbers = intermediate_numbers(clean);
-    // (position in the clean text, inserted text), in insertion order.
-    let mut inserts: Vec<(usize, String)> = Vec::new();
-    let mut noise = 0.0;
-    while noise < target && !boundaries.is_empty() {
-        let roll = rng.gen_range(0..10u32);
-        let (pos, text) = if roll < 2 && !numbers.is_empty() {
-            let (start, end) = numbers[rng.gen_range(0..numbers.len() as u32) as usize];
-            let pos = rng.gen_range(start as u32..=end as u32) as usize;
-            let lo = if pos == start { 1 } else { 0 };
-            numbers.retain(|&(s, _)| s != start); // one wrong digit per number
-            (pos, char::from(b'0' + rng.gen_range(lo..10u8)).to_string())
-        } else {
-            let pos = boundaries[rng.gen_range(0..boundaries.len() as u32) as usize];
-            (pos, noise_sentence(&mut rng, roll < 6))
-        };
-        // A piece that would overshoot is kept with probability gap/len and
-        // ends the loop, so the expected noise equals the target exactly.
-        let (len, gap) = (text.len() as f64, target - noise);
-        let fits = len <= gap;
-        if fits || rng.gen_bool(gap / len) {
-            noise += len;
-            inserts.push((pos, text));
-        }
-        if !fits {
-            break;
-        }
-    }
-    apply_inserts(clean, inserts)
-}
-
-/// Splice insertions into `clean`, recording where each lands in the result.
-fn apply_inserts(clean: &str, mut inserts: Vec<(usize, String)>) -> NoisyResponse {
-    inserts.sort_by_key(|(pos, _)| *pos); // stable: same-position pieces keep their order
-    let mut response =
-        String::with_capacity(clean.len() + inserts.iter().map(|(_, t)| t.len()).sum::<usize>());
-    let mut noise_spans = Vec::with_capacity(inserts.len());
-    let mut at = 0;
-    for (pos, text) in inserts {
-        response.push_str(&clean[at..pos]);
-        at = pos;
-        noise_spans.push((response.len(), response.len() + text.len()));
-        response.push_str(&text);
-    }
-    response.push_str(&clean[at..]);
-    NoisyResponse {
-        response,
-        noise_spans,
-    }
-}
-
-/// " Um, basically, okay." or an off-task sentence, with a leading space.
-fn noise_sentence(rng: &mut ChaCha8Rng, filler: bool) -> String {
-    if !filler {
-        return format!(
-            " {}",
-            OFF_TASK[rng.gen_range(0..OFF_TASK.len() as u32) as usize]
-        );
-    }
-    let n = rng.gen_range(2..=4u32) as usize;
-    let mut words: Vec<&str> = Vec::with_capacity(n);
-    while words.len() < n {
-        let w = FILLER_WORDS[rng.gen_range(0..FILLER_WORDS.len() as u32) as usize];
-        if !words.contains(&w) {
-            words.push(w);
-        }
-    }
-    format!(" {}.", cap(&words.join(", ")))
-}
-
-/// Byte positions just after a sentence-ending `.`/`?`/`!` that is followed by
-/// a space or newline, before the `#### N` line.
-fn sentence_ends(text: &str) -> Vec<usize> {
-    let limit = text.rfind("\n####").unwrap_or(text.len());
-    let b = text.as_bytes();
-    (1..=limit)
-        .filter(|&i| {
-            matches!(b[i - 1], b'.' | b'?' | b'!') && (i == limit || matches!(b[i], b' ' | b'\n'))
-        })
-        .collect()
-}
-
-/// Byte ranges of the visible results right after `>>`, except the last one
-/// (the final answer).
-fn intermediate_numbers(text: &str) -> Vec<(usize, usize)> {
-    let b = text.as_bytes();
-    let mut out: Vec<(usize, usize)> = text
-        .match_indices(">>")
-        .map(|(i, _)| {
-            let start = i + 2;
-            let len = b[start..].iter().take_while(|c| c.is_ascii_digit()).count();
-            (start, start + len)
-        })
-        .filter(|(s, e)| e > s)
-        .collect();
-    out.pop();
-    out
-}
-
-// ---------------------------------------------------------------------------
-// Tokenizer
-// ---------------------------------------------------------------------------
-
-/// Train a byte-level BPE tokenizer on `texts`.
-///
-/// The full 256-byte alphabet is always in the vocabulary, so any text (noise,
-/// prompts in a template the corpus never saw) encodes without an unknown
-/// token and `decode(encode(x)) == x`. No normaliser and no prefix space keep
-/// that round trip exact. The post-processor is `ByteLevel` only (offset
-/// trimming), never a template: the trainer adds BOS/EOS itself. Training is
-/// deterministic: merges are chosen by count with ties broken by token id, and
-/// the initial alphabet is sorted, so no hash order leaks into the result.
-pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer, SynthError> {
-    if vocab_size < MIN_VOCAB_SIZE {
-        return Err(SynthError::VocabTooSmall { vocab_size });
-    }
-    if texts.iter().all(|t| t.is_empty()) {
-        return Err(SynthError::EmptyCorpus);
-    }
-    let mut trainer = BpeTrainerBuilder::new()
-        .vocab_size(vocab_size)
-        .min_frequency(2)
-        .show_progress(false)
-        .special_tokens(
-            SPECIAL_TOKENS
-                .iter()
-                .map(|t| AddedToken::from(*t, true))
-                .collect(),
-        )
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .build();
-    let byte_level = ByteLevel::new(false, true, true);
-    let mut tok =
-        TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-            .with_model(BPE::default())
-            .with_normalizer(None)
-            .with_pre_tokenizer(Some(byte_level))
-            .with_post_processor(Some(byte_level))
-            .with_decoder(Some(byte_level))
-            .build()
-            .map_err(SynthError::Tokenizer)?;
-    tok.train(&mut trainer, texts.iter())
-        .map_err(SynthError::Tokenizer)?;
-    Ok(Tokenizer::from(tok))
 }
