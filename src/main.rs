@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use xtf_train::assets;
 use xtf_train::config::Config;
@@ -159,23 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         resume: cli.resume,
     };
     match cli.cmd {
-        Some(Cmd::Convert { gguf, out, dtype }) => {
-            let dtype = match dtype.as_str() {
-                "f32" => candle_core::DType::F32,
-                "bf16" => candle_core::DType::BF16,
-                "f16" => candle_core::DType::F16,
-                other => anyhow::bail!("--dtype: expected f32, bf16 or f16, got {other:?}"),
-            };
-            let s = xtf_train::model::gguf::convert(&gguf, &out, dtype)?;
-            println!(
-                "{}: {} ({} tensors, {} parameters) -> {}",
-                gguf.display(),
-                s.family.model_type(),
-                s.tensors,
-                s.parameters,
-                out.display()
-            );
-        }
+        Some(Cmd::Convert { gguf, out, dtype }) => convert(&gguf, &out, &dtype)?,
         Some(Cmd::InitTiny { out, threads }) => {
             set_cpu_threads(Some(threads));
             assets::tiny::init(&out, &assets::tiny::TinySpec::default())?
@@ -238,5 +222,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             pipeline::run(&config()?, sw)?;
         }
     }
+    Ok(())
+}
+
+/// `xtf-train convert`: a GGUF checkpoint as an HF-format directory.
+fn convert(gguf: &Path, out: &Path, dtype: &str) -> anyhow::Result<()> {
+    let dtype = match dtype {
+        "f32" => candle_core::DType::F32,
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        other => anyhow::bail!("--dtype: expected f32, bf16 or f16, got {other:?}"),
+    };
+    let s = xtf_train::model::gguf::convert(gguf, out, dtype)?;
+    println!(
+        "{}: {} ({} tensors, {} parameters) -> {}",
+        gguf.display(),
+        s.family.model_type(),
+        s.tensors,
+        s.parameters,
+        out.display()
+    );
     Ok(())
 }

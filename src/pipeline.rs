@@ -3,6 +3,7 @@
 //! training → report → evaluation. `main.rs` only parses flags and calls
 //! these; every stage lives in its own module and none calls back here.
 
+use crate::assets;
 use crate::config::{Config, Strategy};
 use crate::error::Result;
 use crate::eval::{self, gen};
@@ -10,7 +11,6 @@ use crate::model::Trainable;
 use crate::setup::{open_model, setup, Opened, Setup};
 use crate::train::{self, LossMask, RunOptions};
 use crate::xtf::{self, XtfRun};
-use crate::assets;
 use std::path::{Path, PathBuf};
 
 /// Command-line switches that change how a run goes, not what it computes.

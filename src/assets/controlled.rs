@@ -399,6 +399,53 @@ pub fn write_data(dir: &Path, spec: &ControlledSpec, tok: &Tok) -> Result<NoiseS
         .enumerate()
         .map(|(i, p)| synth::inject_noise(p, spec.noise_rate, noise_seed(spec.seed, i)))
         .collect();
+    let (flags, stats) = flag_noise(&train, &noisy, tok)?;
+
+    let rows = train.iter().zip(&noisy).map(|(p, n)| {
+        serde_json::json!({
+            "prompt": p.prompt, "response": n.response,
+            "clean_response": p.response, "answer": p.answer,
+        })
+    });
+    crate::io::write_atomic(&dir.join("train.jsonl"), jsonl(rows).as_bytes())?;
+    let rows = train.iter().map(
+        |p| serde_json::json!({"prompt": p.prompt, "response": p.response, "answer": p.answer}),
+    );
+    crate::io::write_atomic(&dir.join("train_clean.jsonl"), jsonl(rows).as_bytes())?;
+    let rows = noise_rows(&flags, &noisy, tok)?;
+    crate::io::write_atomic(&dir.join("noise.jsonl"), jsonl(rows.into_iter()).as_bytes())?;
+    let rows = flags
+        .iter()
+        .map(|f| serde_json::json!({"mask": f.iter().map(|&x| 1 - x).collect::<Vec<u8>>()}));
+    crate::io::write_atomic(&dir.join("oracle_mask.jsonl"), jsonl(rows).as_bytes())?;
+    let rows = test.iter().map(|p| {
+        serde_json::json!({
+            "question": p.prompt, "answer": p.response,
+            "prompt": p.prompt, "response": p.response,
+        })
+    });
+    crate::io::write_atomic(&dir.join("test.jsonl"), jsonl(rows).as_bytes())?;
+    let manifest = serde_json::json!({
+        "seed": spec.seed,
+        "n_train": spec.n_train,
+        "n_test": spec.n_test,
+        "noise_rate_target": spec.noise_rate,
+        "noise_byte_share": stats.noise_bytes as f64 / stats.response_bytes.max(1) as f64,
+        "noise_label_token_share": stats.noise_label_tokens as f64 / stats.label_tokens.max(1) as f64,
+        "stats": stats,
+        "template": TEMPLATE,
+    });
+    crate::io::write_json(&dir.join("manifest.json"), &manifest)?;
+    Ok(stats)
+}
+
+/// Per-label-token noise flags of every training response, checked against
+/// the trainer's own tokenisation, and the statistics of the injected noise.
+fn flag_noise(
+    train: &[Problem],
+    noisy: &[NoisyResponse],
+    tok: &Tok,
+) -> Result<(Vec<Vec<u8>>, NoiseStats)> {
     let mut flags = Vec::with_capacity(train.len());
     let mut stats = NoiseStats {
         noise_bytes: 0,
@@ -410,7 +457,7 @@ pub fn write_data(dir: &Path, spec: &ControlledSpec, tok: &Tok) -> Result<NoiseS
         kind_bytes: [0; 3],
         kind_pieces: [0; 3],
     };
-    for (p, n) in train.iter().zip(&noisy) {
+    for (p, n) in train.iter().zip(noisy) {
         let f = noise_flags(tok, n)?;
         // The trainer's own tokenisation must give exactly as many labels.
         let rec = Record::pair(p.prompt.clone(), n.response.clone());
@@ -445,20 +492,18 @@ pub fn write_data(dir: &Path, spec: &ControlledSpec, tok: &Tok) -> Result<NoiseS
         }
         flags.push(f);
     }
+    Ok((flags, stats))
+}
 
-    let rows = train.iter().zip(&noisy).map(|(p, n)| {
-        serde_json::json!({
-            "prompt": p.prompt, "response": n.response,
-            "clean_response": p.response, "answer": p.answer,
-        })
-    });
-    crate::io::write_atomic(&dir.join("train.jsonl"), jsonl(rows).as_bytes())?;
-    let rows = train.iter().map(
-        |p| serde_json::json!({"prompt": p.prompt, "response": p.response, "answer": p.answer}),
-    );
-    crate::io::write_atomic(&dir.join("train_clean.jsonl"), jsonl(rows).as_bytes())?;
-    let mut rows = Vec::with_capacity(train.len());
-    for (i, (f, n)) in flags.iter().zip(&noisy).enumerate() {
+/// `noise.jsonl`'s rows: the flags, each label token's noise kind (0 =
+/// clean, else kind + 1; the EOS label is clean) and the injected spans.
+fn noise_rows(
+    flags: &[Vec<u8>],
+    noisy: &[NoisyResponse],
+    tok: &Tok,
+) -> Result<Vec<serde_json::Value>> {
+    let mut rows = Vec::with_capacity(flags.len());
+    for (i, (f, n)) in flags.iter().zip(noisy).enumerate() {
         let kinds: Vec<usize> = n
             .noise_spans
             .iter()
@@ -478,28 +523,5 @@ pub fn write_data(dir: &Path, spec: &ControlledSpec, tok: &Tok) -> Result<NoiseS
             "spans": n.noise_spans, "kinds": kinds,
         }));
     }
-    crate::io::write_atomic(&dir.join("noise.jsonl"), jsonl(rows.into_iter()).as_bytes())?;
-    let rows = flags
-        .iter()
-        .map(|f| serde_json::json!({"mask": f.iter().map(|&x| 1 - x).collect::<Vec<u8>>()}));
-    crate::io::write_atomic(&dir.join("oracle_mask.jsonl"), jsonl(rows).as_bytes())?;
-    let rows = test.iter().map(|p| {
-        serde_json::json!({
-            "question": p.prompt, "answer": p.response,
-            "prompt": p.prompt, "response": p.response,
-        })
-    });
-    crate::io::write_atomic(&dir.join("test.jsonl"), jsonl(rows).as_bytes())?;
-    let manifest = serde_json::json!({
-        "seed": spec.seed,
-        "n_train": spec.n_train,
-        "n_test": spec.n_test,
-        "noise_rate_target": spec.noise_rate,
-        "noise_byte_share": stats.noise_bytes as f64 / stats.response_bytes.max(1) as f64,
-        "noise_label_token_share": stats.noise_label_tokens as f64 / stats.label_tokens.max(1) as f64,
-        "stats": stats,
-        "template": TEMPLATE,
-    });
-    crate::io::write_json(&dir.join("manifest.json"), &manifest)?;
-    Ok(stats)
+    Ok(rows)
 }

@@ -27,11 +27,11 @@ pub mod sidecar;
 use crate::config::{Config, MaskSection, Strategy};
 use crate::error::{Error, Result};
 use crate::setup::Setup;
-use std::path::Path;
 use crate::train::LossMask;
 use reference::{load_reference, token_losses};
 use select::{data_filter_keep, token_clean_keep};
 use sidecar::read_sidecar;
+use std::path::Path;
 
 /// Build the loss mask of a non-XTF strategy; `data_filter` also drops the
 /// filtered examples from `s.train`. XTF is built by [`crate::xtf::prepare`].

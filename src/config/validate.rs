@@ -231,7 +231,11 @@ fn eval(e: &EvalSection, c: &mut Checks) {
     for (i, t) in e.tasks.iter().enumerate() {
         let key = |k: &str| format!("eval.tasks[{i}].{k}");
         c.check(t.n_samples >= 1, &key("n_samples"), "must be >= 1");
-        c.check(t.max_new_tokens >= 1, &key("max_new_tokens"), "must be >= 1");
+        c.check(
+            t.max_new_tokens >= 1,
+            &key("max_new_tokens"),
+            "must be >= 1",
+        );
         c.non_negative(t.temperature, &key("temperature"), false, "must be >= 0");
         c.check(
             t.top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
@@ -243,7 +247,11 @@ fn eval(e: &EvalSection, c: &mut Checks) {
             &key("temperature"),
             "n_samples > 1 needs temperature > 0 (greedy samples are identical)",
         );
-        c.check(t.k.iter().all(|&k| k >= 1), &key("k"), "every k must be >= 1");
+        c.check(
+            t.k.iter().all(|&k| k >= 1),
+            &key("k"),
+            "every k must be >= 1",
+        );
         c.non_negative(t.timeout_s, &key("timeout_s"), true, "must be > 0");
         if let Some(tpl) = &t.template {
             c.check(

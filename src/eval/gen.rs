@@ -99,28 +99,10 @@ pub fn generate(
         return Ok(Vec::new());
     }
     let dev = &model.device;
-    let len = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
     let window = model.cfg.sliding_window;
-    // Left padding: row r's real tokens sit at columns pad_r..len.
-    let mut ids = vec![tok.pad; b * len];
-    let mut pos: Vec<Vec<Option<u32>>> = vec![vec![None; len]; b];
-    for (r, p) in prompts.iter().enumerate() {
-        let pad = len - p.len();
-        ids[r * len + pad..(r + 1) * len].copy_from_slice(p);
-        for (j, slot) in pos[r].iter_mut().enumerate().skip(pad) {
-            *slot = Some((j - pad) as u32);
-        }
-    }
-    let mut procs: Vec<LogitsProcessor> = (0..b)
-        .map(|r| {
-            let sampling = match (o.temperature, o.top_p) {
-                (t, _) if t <= 0.0 => Sampling::ArgMax,
-                (t, Some(p)) => Sampling::TopP { p, temperature: t },
-                (t, None) => Sampling::All { temperature: t },
-            };
-            LogitsProcessor::from_sampling(o.seed.wrapping_add(r as u64), sampling)
-        })
-        .collect();
+    let (ids, pos) = left_pad(prompts, tok.pad);
+    let len = pos[0].len();
+    let mut procs = samplers(o, b);
     let mut cache = KvCache::new(model);
     let mut all_pos = pos.clone();
     let mut logits = model.forward_cached(
@@ -181,4 +163,38 @@ pub fn generate(
         )?;
     }
     Ok(out)
+}
+
+/// The prompts left-padded to one length: row r's real tokens sit at
+/// columns `pad_r..len`; their positions count from 0, padding has none.
+fn left_pad(prompts: &[Vec<u32>], pad_id: u32) -> (Vec<u32>, Vec<Vec<Option<u32>>>) {
+    let (b, len) = (
+        prompts.len(),
+        prompts.iter().map(Vec::len).max().unwrap_or(0).max(1),
+    );
+    let mut ids = vec![pad_id; b * len];
+    let mut pos: Vec<Vec<Option<u32>>> = vec![vec![None; len]; b];
+    for (r, p) in prompts.iter().enumerate() {
+        let pad = len - p.len();
+        ids[r * len + pad..(r + 1) * len].copy_from_slice(p);
+        for (j, slot) in pos[r].iter_mut().enumerate().skip(pad) {
+            *slot = Some((j - pad) as u32);
+        }
+    }
+    (ids, pos)
+}
+
+/// One sampler per row, row r seeded `seed + r`: greedy at temperature 0,
+/// else temperature sampling, within the top-p nucleus when set.
+fn samplers(o: &GenOptions, b: usize) -> Vec<LogitsProcessor> {
+    (0..b)
+        .map(|r| {
+            let sampling = match (o.temperature, o.top_p) {
+                (t, _) if t <= 0.0 => Sampling::ArgMax,
+                (t, Some(p)) => Sampling::TopP { p, temperature: t },
+                (t, None) => Sampling::All { temperature: t },
+            };
+            LogitsProcessor::from_sampling(o.seed.wrapping_add(r as u64), sampling)
+        })
+        .collect()
 }

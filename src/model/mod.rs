@@ -90,6 +90,55 @@ pub struct ModelConfig {
     pub max_position_embeddings: Option<usize>,
 }
 
+/// `(rope_theta, rope_scaling)` of a config.json: transformers 5 moved them
+/// into `rope_parameters`; older configs keep `rope_theta` and
+/// `rope_scaling` at the top level.
+fn rope_settings(v: &Value, path: &Path) -> Result<(f64, Option<Llama3Scaling>)> {
+    let err = |m: String| Error::model(path, m);
+    let opt_f64 = |k: &str| v.get(k).and_then(Value::as_f64);
+    let rope = v
+        .get("rope_parameters")
+        .or_else(|| v.get("rope_scaling"))
+        .filter(|r| r.is_object());
+    let rope_theta = rope
+        .and_then(|r| r.get("rope_theta"))
+        .and_then(Value::as_f64)
+        .or_else(|| opt_f64("rope_theta"))
+        .unwrap_or(10_000.0);
+    let rope_scaling = match rope {
+        None => None,
+        Some(r) => {
+            let kind = r
+                .get("rope_type")
+                .or_else(|| r.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            match kind {
+                "default" => None,
+                "llama3" => {
+                    let f = |k: &str| {
+                        r.get(k)
+                            .and_then(Value::as_f64)
+                            .ok_or_else(|| err(format!("rope scaling: missing {k:?}")))
+                    };
+                    Some(Llama3Scaling {
+                        factor: f("factor")?,
+                        low_freq_factor: f("low_freq_factor")?,
+                        high_freq_factor: f("high_freq_factor")?,
+                        original_max_position_embeddings: f("original_max_position_embeddings")?,
+                    })
+                }
+                other => {
+                    return Err(err(format!(
+                        "unsupported rope scaling type {other:?} (supported: default, llama3)"
+                    )))
+                }
+            }
+        }
+    };
+    Ok((rope_theta, rope_scaling))
+}
+
 impl ModelConfig {
     /// Parse an HF `config.json` value; `path` names the file in errors.
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
@@ -122,50 +171,7 @@ impl ModelConfig {
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(err(format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")));
         }
-        // transformers 5 moved rope settings into `rope_parameters`; older
-        // configs keep `rope_theta` and `rope_scaling` at the top level.
-        let rope = v
-            .get("rope_parameters")
-            .or_else(|| v.get("rope_scaling"))
-            .filter(|r| r.is_object());
-        let rope_theta = rope
-            .and_then(|r| r.get("rope_theta"))
-            .and_then(Value::as_f64)
-            .or_else(|| opt_f64("rope_theta"))
-            .unwrap_or(10_000.0);
-        let rope_scaling = match rope {
-            None => None,
-            Some(r) => {
-                let kind = r
-                    .get("rope_type")
-                    .or_else(|| r.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
-                match kind {
-                    "default" => None,
-                    "llama3" => {
-                        let f = |k: &str| {
-                            r.get(k)
-                                .and_then(Value::as_f64)
-                                .ok_or_else(|| err(format!("rope scaling: missing {k:?}")))
-                        };
-                        Some(Llama3Scaling {
-                            factor: f("factor")?,
-                            low_freq_factor: f("low_freq_factor")?,
-                            high_freq_factor: f("high_freq_factor")?,
-                            original_max_position_embeddings: f(
-                                "original_max_position_embeddings",
-                            )?,
-                        })
-                    }
-                    other => {
-                        return Err(err(format!(
-                            "unsupported rope scaling type {other:?} (supported: default, llama3)"
-                        )))
-                    }
-                }
-            }
-        };
+        let (rope_theta, rope_scaling) = rope_settings(v, path)?;
         let attention_bias = opt_bool("attention_bias").unwrap_or(false);
         let max_position_embeddings = opt_usize("max_position_embeddings");
         if max_position_embeddings == Some(0) {

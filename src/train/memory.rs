@@ -113,35 +113,7 @@ impl MemoryPlan {
     /// The estimate for model `m` trained as `p` says (formula: module doc).
     pub fn estimate(m: &ModelConfig, p: &PlanParams) -> Self {
         let e = p.dtype.size_in_bytes() as u64;
-        let (h, i, v) = (
-            m.hidden_size as u64,
-            m.intermediate_size as u64,
-            m.vocab_size as u64,
-        );
-        let (nh, nkv, hd) = (m.num_heads as u64, m.num_kv_heads as u64, m.head_dim as u64);
-        let layers = m.num_layers as u64;
-        let linears = linear_shapes(m);
-        let per_layer_weights: u64 = linears
-            .iter()
-            .map(|l| l.inp * l.out + if l.bias { l.out } else { 0 })
-            .sum::<u64>()
-            + 2 * h;
-        let n_weights =
-            v * h * (1 + !m.tie_word_embeddings as u64) + h + layers * per_layer_weights;
-        let lora =
-            |name: &str| p.method == Method::Lora && p.lora_targets.iter().any(|t| t == name);
-        let r = p.lora_r as u64;
-        let trainable = match p.method {
-            Method::Full => n_weights,
-            Method::Lora => {
-                layers
-                    * linears
-                        .iter()
-                        .filter(|l| lora(l.name))
-                        .map(|l| r * (l.inp + l.out))
-                        .sum::<u64>()
-            }
-        };
+        let (n_weights, trainable) = param_counts(m, p);
         // LoRA parameters are f32; full fine-tuning trains the weights as stored.
         let grad_bytes = if p.method == Method::Lora { 4 } else { e };
         let grads = trainable * grad_bytes * if p.grad_accum > 1 { 2 } else { 1 };
@@ -153,51 +125,13 @@ impl MemoryPlan {
         let optimizer = trainable * (8 + master);
 
         let c = 4u64;
-        let cast = |x: u64| if e == c { 0 } else { x };
+        let (h, v) = (m.hidden_size as u64, m.vocab_size as u64);
         let (b, t) = (p.micro_batch as u64, p.seq_len as u64);
         let n = b * t;
-        let norm = norm_bytes(n, h, e, p.fused);
-        // The whole-op CPU kernels (LoRA layer, heads + RoPE, attention core)
-        // take f32/f64 only; 16-bit weights keep the row kernels alone.
-        let ops = p.fused && matches!(p.dtype, DType::F32 | DType::F64);
-        let linear_acts: u64 = linears
-            .iter()
-            .map(|l| {
-                let base = n * l.out * e * if l.bias { 2 } else { 1 };
-                let adapter = match lora(l.name) {
-                    false => 0,
-                    true if ops => {
-                        if p.lora_dropout {
-                            n * l.inp * c
-                        } else {
-                            0
-                        }
-                    }
-                    true => {
-                        n * r * c
-                            + 2 * n * l.out * c
-                            + n * l.out * e
-                            + cast(n * l.inp * c + n * l.out * e)
-                            + if p.lora_dropout { 2 * n * l.inp * c } else { 0 }
-                    }
-                };
-                base + adapter
-            })
-            .sum();
-        let heads = n * (nh + 2 * nkv) * hd * e;
-        let scores = b * nh * t * t;
-        let (rope, gqa, attn, attn_out) = match ops {
-            true => (0, 0, attn_core_bytes(b * nh * t, t, e), n * nh * hd * e),
-            false => (
-                9 * n * (nh + nkv) * hd * e / 2,
-                if nkv < nh { 2 * n * nh * hd * e } else { 0 },
-                attn_bytes(b * nh * t, t, e, p.fused),
-                2 * n * nh * hd * e,
-            ),
-        };
-        let rest = attn_out + 2 * n * h * e + swiglu_bytes(n * i, e, p.fused);
-        let per_layer = 2 * norm + linear_acts + heads + rope + gqa + attn + rest;
-        let head = norm + head_bytes(n, v, e, p.fused);
+        let layers = m.num_layers as u64;
+        let per_layer = layer_activation_bytes(m, p);
+        let head = norm_bytes(n, h, e, p.fused) + head_bytes(n, v, e, p.fused);
+        let scores = b * m.num_heads as u64 * t * t;
         let working = 3 * (n * v).max(scores) * c;
         let activations = match p.checkpointing {
             false => n * h * e + layers * per_layer + head + working,
@@ -401,4 +335,87 @@ pub fn free_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
 #[cfg(not(feature = "cuda"))]
 pub fn free_memory(_device: &candle_core::Device) -> Option<(u64, u64)> {
     None
+}
+
+/// (weights, trainable parameters) of model `m` trained as `p` says.
+fn param_counts(m: &ModelConfig, p: &PlanParams) -> (u64, u64) {
+    let (h, v) = (m.hidden_size as u64, m.vocab_size as u64);
+    let layers = m.num_layers as u64;
+    let linears = linear_shapes(m);
+    let per_layer_weights: u64 = linears
+        .iter()
+        .map(|l| l.inp * l.out + if l.bias { l.out } else { 0 })
+        .sum::<u64>()
+        + 2 * h;
+    let n_weights = v * h * (1 + !m.tie_word_embeddings as u64) + h + layers * per_layer_weights;
+    let r = p.lora_r as u64;
+    let trainable = match p.method {
+        Method::Full => n_weights,
+        Method::Lora => {
+            layers
+                * linears
+                    .iter()
+                    .filter(|l| lora_on(p, l.name))
+                    .map(|l| r * (l.inp + l.out))
+                    .sum::<u64>()
+        }
+    };
+    (n_weights, trainable)
+}
+
+/// Does `p` put an adapter on the projection `name`?
+fn lora_on(p: &PlanParams, name: &str) -> bool {
+    p.method == Method::Lora && p.lora_targets.iter().any(|t| t == name)
+}
+
+/// The activations one decoder layer keeps for backward.
+fn layer_activation_bytes(m: &ModelConfig, p: &PlanParams) -> u64 {
+    let e = p.dtype.size_in_bytes() as u64;
+    let c = 4u64;
+    let cast = |x: u64| if e == c { 0 } else { x };
+    let (h, i) = (m.hidden_size as u64, m.intermediate_size as u64);
+    let (nh, nkv, hd) = (m.num_heads as u64, m.num_kv_heads as u64, m.head_dim as u64);
+    let r = p.lora_r as u64;
+    let (b, t) = (p.micro_batch as u64, p.seq_len as u64);
+    let n = b * t;
+    let norm = norm_bytes(n, h, e, p.fused);
+    // The whole-op CPU kernels (LoRA layer, heads + RoPE, attention core)
+    // take f32/f64 only; 16-bit weights keep the row kernels alone.
+    let ops = p.fused && matches!(p.dtype, DType::F32 | DType::F64);
+    let linear_acts: u64 = linear_shapes(m)
+        .iter()
+        .map(|l| {
+            let base = n * l.out * e * if l.bias { 2 } else { 1 };
+            let adapter = match lora_on(p, l.name) {
+                false => 0,
+                true if ops => {
+                    if p.lora_dropout {
+                        n * l.inp * c
+                    } else {
+                        0
+                    }
+                }
+                true => {
+                    n * r * c
+                        + 2 * n * l.out * c
+                        + n * l.out * e
+                        + cast(n * l.inp * c + n * l.out * e)
+                        + if p.lora_dropout { 2 * n * l.inp * c } else { 0 }
+                }
+            };
+            base + adapter
+        })
+        .sum();
+    let heads = n * (nh + 2 * nkv) * hd * e;
+    let (rope, gqa, attn, attn_out) = match ops {
+        true => (0, 0, attn_core_bytes(b * nh * t, t, e), n * nh * hd * e),
+        false => (
+            9 * n * (nh + nkv) * hd * e / 2,
+            if nkv < nh { 2 * n * nh * hd * e } else { 0 },
+            attn_bytes(b * nh * t, t, e, p.fused),
+            2 * n * nh * hd * e,
+        ),
+    };
+    let rest = attn_out + 2 * n * h * e + swiglu_bytes(n * i, e, p.fused);
+    2 * norm + linear_acts + heads + rope + gqa + attn + rest
 }

@@ -223,33 +223,54 @@ fn examples_html(r: &ReportInput, limit: usize) -> String {
 
 /// Render the whole page.
 pub fn render(r: &ReportInput) -> String {
-    let sm = r.summary;
-    let flat = |f: &dyn Fn(&TokenScores) -> &Vec<f32>| {
-        r.scores
-            .iter()
-            .flat_map(|s| f(s).iter().copied())
-            .collect::<Vec<f32>>()
-    };
-    let ri_cuts: Vec<(f64, &str)> = sm
-        .cutoffs
-        .ri
-        .as_ref()
-        .map(|f| vec![(f.fence, "fence"), (f.q1, "Q1"), (f.q3, "Q3")])
-        .unwrap_or_default();
-    let tr_labels: Vec<String> = (1..=sm.cutoffs.tr_thresholds.len())
-        .map(|i| format!("t{i}"))
-        .collect();
-    let tr_cuts: Vec<(f64, &str)> = sm
-        .cutoffs
-        .tr_thresholds
-        .iter()
-        .zip(&tr_labels)
-        .map(|(&t, l)| (t, l.as_str()))
-        .collect();
-    let s_tr: Vec<f32> = r.mask.s_tr.iter().flatten().copied().collect();
     let mut h = String::new();
     let _ = write!(h, "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title><style>{CSS}</style></head><body>", esc(r.title));
     let _ = write!(h, "<h1>{}</h1>", esc(r.title));
+    h += &summary_html(r.summary);
+    h += "<h2>Score distributions and cut-offs</h2><div class=\"row\">";
+    h += &histograms_html(r);
+    h += "</div><h2>Overlap of the noise sets</h2><div class=\"row\"><div>";
+    h += &overlap_bars(r.mask);
+    h += "</div><table class=\"stats\"><tr><th>sets</th><th>count</th><th>share</th><th>Jaccard</th></tr>";
+    for o in &r.summary.overlaps {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{:.2}%</td><td>{:.3}</td></tr>",
+            o.sets,
+            o.count,
+            100.0 * o.share,
+            o.jaccard
+        );
+    }
+    h += "</table></div><h2>Examples</h2><p class=\"legend\">";
+    for c in 1..8 {
+        let _ = write!(
+            h,
+            "<span class=\"t\" style=\"background:{}\">{}</span> ",
+            COLOURS[c], LABELS[c]
+        );
+    }
+    h += "<span class=\"t m\">masked</span> <span class=\"prompt\">prompt (never trained)</span> — hover a token for its scores.</p>";
+    h += &examples_html(r, 12);
+    h += "<h2>Most often masked tokens</h2><table class=\"stats\"><tr><th>token</th><th>id</th><th>count</th></tr>";
+    for t in r.summary.top_masked.iter().take(20) {
+        let _ = write!(
+            h,
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
+            esc(&format!("{:?}", t.token)),
+            t.id,
+            t.count
+        );
+    }
+    h += "</table><h2>Training loss</h2>";
+    h += &loss_curve(r.metrics);
+    h += "</body></html>\n";
+    h
+}
+
+/// The headline and the per-attribute table, with the summary's notes.
+fn summary_html(sm: &Summary) -> String {
+    let mut h = String::new();
     let _ = write!(
         h,
         "<p class=\"big\">{} of {} label tokens masked ({:.2}%) in {} examples; EOS masked in {:.1}% of examples{}.</p>",
@@ -276,8 +297,36 @@ pub fn render(r: &ReportInput) -> String {
     for note in sm.ri_note.iter().chain(&sm.cutoffs.tr_warning) {
         let _ = write!(h, "<p class=\"note\">{}</p>", esc(note));
     }
-    h += "<h2>Score distributions and cut-offs</h2><div class=\"row\">";
-    h += &histogram(
+    h
+}
+
+/// The three score histograms with their cut-offs marked.
+fn histograms_html(r: &ReportInput) -> String {
+    let sm = r.summary;
+    let flat = |f: &dyn Fn(&TokenScores) -> &Vec<f32>| {
+        r.scores
+            .iter()
+            .flat_map(|s| f(s).iter().copied())
+            .collect::<Vec<f32>>()
+    };
+    let ri_cuts: Vec<(f64, &str)> = sm
+        .cutoffs
+        .ri
+        .as_ref()
+        .map(|f| vec![(f.fence, "fence"), (f.q1, "Q1"), (f.q3, "Q3")])
+        .unwrap_or_default();
+    let tr_labels: Vec<String> = (1..=sm.cutoffs.tr_thresholds.len())
+        .map(|i| format!("t{i}"))
+        .collect();
+    let tr_cuts: Vec<(f64, &str)> = sm
+        .cutoffs
+        .tr_thresholds
+        .iter()
+        .zip(&tr_labels)
+        .map(|(&t, l)| (t, l.as_str()))
+        .collect();
+    let s_tr: Vec<f32> = r.mask.s_tr.iter().flatten().copied().collect();
+    let mut h = histogram(
         "S_RI: attention received (flag: below the IQR fence)",
         &flat(&|s| &s.ri),
         &ri_cuts,
@@ -298,42 +347,6 @@ pub fn render(r: &ReportInput) -> String {
         &tr_cuts,
         false,
     );
-    h += "</div><h2>Overlap of the noise sets</h2><div class=\"row\"><div>";
-    h += &overlap_bars(r.mask);
-    h += "</div><table class=\"stats\"><tr><th>sets</th><th>count</th><th>share</th><th>Jaccard</th></tr>";
-    for o in &sm.overlaps {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{:.2}%</td><td>{:.3}</td></tr>",
-            o.sets,
-            o.count,
-            100.0 * o.share,
-            o.jaccard
-        );
-    }
-    h += "</table></div><h2>Examples</h2><p class=\"legend\">";
-    for c in 1..8 {
-        let _ = write!(
-            h,
-            "<span class=\"t\" style=\"background:{}\">{}</span> ",
-            COLOURS[c], LABELS[c]
-        );
-    }
-    h += "<span class=\"t m\">masked</span> <span class=\"prompt\">prompt (never trained)</span> — hover a token for its scores.</p>";
-    h += &examples_html(r, 12);
-    h += "<h2>Most often masked tokens</h2><table class=\"stats\"><tr><th>token</th><th>id</th><th>count</th></tr>";
-    for t in sm.top_masked.iter().take(20) {
-        let _ = write!(
-            h,
-            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
-            esc(&format!("{:?}", t.token)),
-            t.id,
-            t.count
-        );
-    }
-    h += "</table><h2>Training loss</h2>";
-    h += &loss_curve(r.metrics);
-    h += "</body></html>\n";
     h
 }
 

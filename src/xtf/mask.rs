@@ -75,6 +75,23 @@ pub fn normalise_tr(dist: &[Vec<f32>]) -> (Vec<Vec<f32>>, f64, f64) {
     (s, dmin, dmax)
 }
 
+/// The Multi-Otsu thresholds of all normalised `S_TR` (with a warning when
+/// there are none), and the `below_cut` rule's cut.
+fn tr_cutoffs(tr_all: &[f32], x: &XtfSection) -> (Vec<f64>, Option<String>, Option<f64>) {
+    let (thresholds, warning) = match threshold_multiotsu(tr_all, x.tr.classes, OTSU_BINS) {
+        Ok(t) => (t, None),
+        Err(e) => (
+            Vec::new(),
+            Some(format!("task relevance flags nothing: {e}")),
+        ),
+    };
+    let cut = match x.tr.rule {
+        TrRule::Class => None,
+        TrRule::BelowCut => cumulative_cut(tr_all, &thresholds, x.tr.cut_share),
+    };
+    (thresholds, warning, cut)
+}
+
 /// Flag every label token and build the keep mask.
 pub fn build(scores: &[TokenScores], examples: &[Example], x: &XtfSection, eos: u32) -> XtfMask {
     let ri = match x.ri.scope {
@@ -87,17 +104,7 @@ pub fn build(scores: &[TokenScores], examples: &[Example], x: &XtfSection, eos: 
     let (s_tr, dmin, dmax) =
         normalise_tr(&scores.iter().map(|s| s.dist.clone()).collect::<Vec<_>>());
     let tr_all: Vec<f32> = s_tr.iter().flatten().copied().collect();
-    let (tr_thresholds, tr_warning) = match threshold_multiotsu(&tr_all, x.tr.classes, OTSU_BINS) {
-        Ok(t) => (t, None),
-        Err(e) => (
-            Vec::new(),
-            Some(format!("task relevance flags nothing: {e}")),
-        ),
-    };
-    let tr_cut = match x.tr.rule {
-        TrRule::Class => None,
-        TrRule::BelowCut => cumulative_cut(&tr_all, &tr_thresholds, x.tr.cut_share),
-    };
+    let (tr_thresholds, tr_warning, tr_cut) = tr_cutoffs(&tr_all, x);
     let tr_low_rule = |v: f32| match (x.tr.rule, tr_cut) {
         _ if tr_thresholds.is_empty() => false,
         (TrRule::Class, _) => otsu_class(v, &tr_thresholds) == x.tr.filter_class,

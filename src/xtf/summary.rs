@@ -89,22 +89,7 @@ impl Summary {
                 max_share,
             }
         };
-        let names = ["RI", "KN", "TR"];
-        let mut overlaps = Vec::new();
-        for combo in [vec![0, 1], vec![0, 2], vec![1, 2], vec![0, 1, 2]] {
-            let inter = count(&|k| combo.iter().all(|&s| sets[s][k]));
-            let union = count(&|k| combo.iter().any(|&s| sets[s][k]));
-            overlaps.push(Overlap {
-                sets: combo
-                    .iter()
-                    .map(|&s| names[s])
-                    .collect::<Vec<_>>()
-                    .join("&"),
-                count: inter,
-                share: share(inter, n),
-                jaccard: share(inter, union),
-            });
-        }
+        let overlaps = overlaps(&sets);
         let masked = m.keep.iter().flatten().filter(|k| !**k).count();
         let with_eos = m.ends_with_eos.iter().filter(|e| **e).count();
         let eos_masked = m
@@ -113,16 +98,6 @@ impl Summary {
             .zip(&m.ends_with_eos)
             .filter(|(k, &e)| e && k.last() == Some(&false))
             .count();
-        let mut counts: HashMap<u32, usize> = HashMap::new();
-        for (e, keep) in examples.iter().zip(&m.keep) {
-            for (k, &kept) in keep.iter().enumerate() {
-                if !kept {
-                    *counts.entry(e.ids[e.label_start + k]).or_default() += 1;
-                }
-            }
-        }
-        let mut top: Vec<(u32, usize)> = counts.into_iter().collect();
-        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let ri = attr(0, x.ri.enabled, x.ri.max_share);
         let ri_note = match (&m.cutoffs.ri, ri.flagged_before_cap) {
             (Some(f), 0) => Some(format!(
@@ -153,15 +128,7 @@ impl Summary {
             protect_eos: x.protect_eos,
             eos_masked,
             eos_masked_share: share(eos_masked, with_eos),
-            top_masked: top
-                .into_iter()
-                .take(30)
-                .map(|(id, count)| MaskedToken {
-                    token: tok.token_str(id),
-                    id,
-                    count,
-                })
-                .collect(),
+            top_masked: top_masked(m, examples, tok, 30),
         }
     }
 
@@ -243,4 +210,50 @@ impl Summary {
         }
         s
     }
+}
+
+/// Pairwise and triple intersections of the RI, KN and TR noise sets
+/// (flat over all label tokens), with their Jaccard indices.
+fn overlaps(sets: &[Vec<bool>; 3]) -> Vec<Overlap> {
+    let n = sets[0].len();
+    let count = |f: &dyn Fn(usize) -> bool| (0..n).filter(|&i| f(i)).count();
+    let names = ["RI", "KN", "TR"];
+    let mut overlaps = Vec::new();
+    for combo in [vec![0, 1], vec![0, 2], vec![1, 2], vec![0, 1, 2]] {
+        let inter = count(&|k| combo.iter().all(|&s| sets[s][k]));
+        let union = count(&|k| combo.iter().any(|&s| sets[s][k]));
+        overlaps.push(Overlap {
+            sets: combo
+                .iter()
+                .map(|&s| names[s])
+                .collect::<Vec<_>>()
+                .join("&"),
+            count: inter,
+            share: share(inter, n),
+            jaccard: share(inter, union),
+        });
+    }
+    overlaps
+}
+
+/// The `k` token ids masked most often (ties: lower id first).
+fn top_masked(m: &XtfMask, examples: &[Example], tok: &Tok, k: usize) -> Vec<MaskedToken> {
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for (e, keep) in examples.iter().zip(&m.keep) {
+        for (i, &kept) in keep.iter().enumerate() {
+            if !kept {
+                *counts.entry(e.ids[e.label_start + i]).or_default() += 1;
+            }
+        }
+    }
+    let mut top: Vec<(u32, usize)> = counts.into_iter().collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    top.into_iter()
+        .take(k)
+        .map(|(id, count)| MaskedToken {
+            token: tok.token_str(id),
+            id,
+            count,
+        })
+        .collect()
 }

@@ -353,4 +353,3 @@ fn nonce() -> String {
 /// fails does the same, so a run never proceeds with less isolation than
 /// it was asked for.
 const BOOTSTRAP: &str = include_str!("bootstrap.py");
-

@@ -15,7 +15,11 @@ pub(super) const STDERR_TAIL: usize = 4096;
 /// Pump stdout (looking for the marker) and stderr (keeping a tail) until the
 /// child exits or the deadline passes, then kill the process group before the
 /// child is reaped (so its pid, the group id, cannot have been reused).
-pub(super) fn supervise(mut child: Child, deadline: Instant, marker: &[u8]) -> std::io::Result<Run> {
+pub(super) fn supervise(
+    mut child: Child,
+    deadline: Instant,
+    marker: &[u8],
+) -> std::io::Result<Run> {
     let mut out = Pipe::new(child.stdout.take().map(OwnedFd::from))?;
     let mut err = Pipe::new(child.stderr.take().map(OwnedFd::from))?;
     let pid = child.id() as libc::pid_t;

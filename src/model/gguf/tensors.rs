@@ -39,7 +39,11 @@ impl GgufFile {
         self.tensors_for(&cfg, dtype)
     }
 
-    pub(super) fn tensors_for(&self, cfg: &ModelConfig, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    pub(super) fn tensors_for(
+        &self,
+        cfg: &ModelConfig,
+        dtype: DType,
+    ) -> Result<HashMap<String, Tensor>> {
         dtype_name(dtype)?;
         self.plan(cfg)?
             .into_iter()
@@ -69,7 +73,12 @@ impl GgufFile {
     /// Stream every converted tensor into a safetensors file, one tensor in
     /// memory at a time: the header is laid out from the shapes alone, so a
     /// checkpoint larger than RAM-as-f32 still converts. Returns (tensors, parameters).
-    pub(super) fn write_safetensors(&self, cfg: &ModelConfig, dtype: DType, path: &Path) -> Result<(usize, usize)> {
+    pub(super) fn write_safetensors(
+        &self,
+        cfg: &ModelConfig,
+        dtype: DType,
+        path: &Path,
+    ) -> Result<(usize, usize)> {
         use std::io::Write;
         let (st_dtype, width) = match dtype {
             DType::F32 => ("F32", 4usize),
@@ -137,7 +146,10 @@ impl GgufFile {
     /// present (silently dropping a weight would give a subtly broken model).
     pub(super) fn plan(&self, cfg: &ModelConfig) -> Result<BTreeMap<String, String>> {
         let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let (q, kv) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
         let mut expected: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         expected.insert("token_embd.weight".into(), vec![v, h]);
         expected.insert("output_norm.weight".into(), vec![h]);

@@ -71,12 +71,11 @@ impl GgufFile {
     ) -> Result<()> {
         let types = self.int_array("tokenizer.ggml.token_type", tokens.len())?;
         let pre = self.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
-        let (normalizer, pre_tok, ignore_merges) =
-            byte_level_pre(pre).ok_or_else(|| {
-                self.tok_err(format!(
-                    "unsupported tokenizer.ggml.pre {pre:?} for a byte-level BPE vocabulary"
-                ))
-            })?;
+        let (normalizer, pre_tok, ignore_merges) = byte_level_pre(pre).ok_or_else(|| {
+            self.tok_err(format!(
+                "unsupported tokenizer.ggml.pre {pre:?} for a byte-level BPE vocabulary"
+            ))
+        })?;
         // Ordinary tokens are spelled in GPT-2's byte alphabet; one that is
         // not is respelled so it stays reachable (as transformers does).
         // Control/user-defined tokens keep their text: they are matched

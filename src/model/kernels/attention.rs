@@ -203,7 +203,7 @@ impl AttnCore {
         cd: CoreDims,
     ) -> Result<(Vec<R>, Vec<R>, Vec<R>)> {
         let CoreDims { b, h, g, t, d } = cd;
-        let (rep, hd, scale) = (h / g, h * d, self.scale);
+        let (rep, hd) = (h / g, h * d);
         let (td, tt) = (t * d, t * t);
         let err: std::sync::Mutex<Option<candle_core::Error>> = std::sync::Mutex::new(None);
         let mut dq: Vec<R> = Vec::with_capacity(b * h * td);
@@ -226,66 +226,14 @@ impl AttnCore {
                         for j in 0..rep {
                             let hi = (bg % g) * rep + j;
                             let bh = bi * h + hi;
-                            let pb = &p[bh * tt..][..tt];
                             let dyb = Mat {
                                 data: &dy[bi * t * hd + hi * d..],
                                 rs: hd,
                                 cs: 1,
                             };
-                            let acc = j > 0;
-                            gemm_into(
-                                dvc,
-                                acc,
-                                (t, d, t),
-                                Mat::t(pb, t),
-                                dyb,
-                                1.0,
-                                Parallelism::None,
-                            )?;
-                            dp.clear();
-                            gemm_into(
-                                &mut dp.spare_capacity_mut()[..tt],
-                                false,
-                                (t, t, d),
-                                dyb,
-                                Mat::t(vb, d),
-                                1.0,
-                                Parallelism::None,
-                            )?;
-                            // SAFETY: the gemm wrote all t·t entries.
-                            unsafe { dp.set_len(tt) };
-                            ds.clear();
-                            for (i, o) in ds.spare_capacity_mut()[..tt].chunks_mut(t).enumerate() {
-                                let (lo, up) = self.mask.range(bi, i, t, t);
-                                let row = i * t;
-                                attn_bwd_row(
-                                    &pb[row + lo..row + up],
-                                    &dp[row + lo..row + up],
-                                    o,
-                                    lo,
-                                    scale,
-                                );
-                            }
-                            // SAFETY: attn_bwd_row wrote every element of each row.
-                            unsafe { ds.set_len(tt) };
-                            gemm_into(
-                                &mut dqc[j * td..][..td],
-                                false,
-                                (t, d, t),
-                                Mat::rows(ds, t),
-                                Mat::rows(kb, d),
-                                1.0,
-                                Parallelism::None,
-                            )?;
-                            gemm_into(
-                                dkc,
-                                acc,
-                                (t, d, t),
-                                Mat::t(ds, t),
-                                Mat::rows(&q[bh * td..][..td], d),
-                                1.0,
-                                Parallelism::None,
-                            )?;
+                            let inputs = (&p[bh * tt..][..tt], dyb, kb, vb, &q[bh * td..][..td]);
+                            let grads = (&mut dqc[j * td..][..td], &mut *dkc, &mut *dvc);
+                            self.bwd_head(inputs, (bi, t, d), j > 0, (dp, ds), grads)?;
                         }
                         Ok(())
                     })();
@@ -305,6 +253,76 @@ impl AttnCore {
             dv.set_len(b * g * td);
         }
         Ok((dq, dk, dv))
+    }
+
+    /// The backward of one query head of batch element `bi`: dV += Pᵀ dY,
+    /// dP = dY Vᵀ, dS = scale · P ⊙ (dP − Σ dP⊙P), dQ = dS K, dK += dSᵀ Q
+    /// (`acc`: dK and dV already hold the group's earlier heads). `dp` and
+    /// `ds` are (T, T) scratch buffers.
+    #[allow(clippy::type_complexity)]
+    fn bwd_head<R: Real + WithDType + GemmElem>(
+        &self,
+        (pb, dyb, kb, vb, qb): (&[R], Mat<R>, &[R], &[R], &[R]),
+        (bi, t, d): (usize, usize, usize),
+        acc: bool,
+        (dp, ds): (&mut Vec<R>, &mut Vec<R>),
+        (dq, dk, dv): (&mut [Out<R>], &mut [Out<R>], &mut [Out<R>]),
+    ) -> Result<()> {
+        let tt = t * t;
+        gemm_into(
+            dv,
+            acc,
+            (t, d, t),
+            Mat::t(pb, t),
+            dyb,
+            1.0,
+            Parallelism::None,
+        )?;
+        dp.clear();
+        gemm_into(
+            &mut dp.spare_capacity_mut()[..tt],
+            false,
+            (t, t, d),
+            dyb,
+            Mat::t(vb, d),
+            1.0,
+            Parallelism::None,
+        )?;
+        // SAFETY: the gemm wrote all t·t entries.
+        unsafe { dp.set_len(tt) };
+        ds.clear();
+        for (i, o) in ds.spare_capacity_mut()[..tt].chunks_mut(t).enumerate() {
+            let (lo, up) = self.mask.range(bi, i, t, t);
+            let row = i * t;
+            attn_bwd_row(
+                &pb[row + lo..row + up],
+                &dp[row + lo..row + up],
+                o,
+                lo,
+                self.scale,
+            );
+        }
+        // SAFETY: attn_bwd_row wrote every element of each row.
+        unsafe { ds.set_len(tt) };
+        let none = Parallelism::None;
+        gemm_into(
+            dq,
+            false,
+            (t, d, t),
+            Mat::rows(ds, t),
+            Mat::rows(kb, d),
+            1.0,
+            none,
+        )?;
+        gemm_into(
+            dk,
+            acc,
+            (t, d, t),
+            Mat::t(ds, t),
+            Mat::rows(qb, d),
+            1.0,
+            none,
+        )
     }
 }
 
