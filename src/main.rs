@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use xtf_train::assets;
@@ -134,14 +135,37 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colours on a terminal only: a redirected log stays plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            tracing::debug!("{e:?}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes as one line: each cause once (our errors already
+/// name their cause, which `source()` repeats), and only the first line of
+/// each (candle appends a backtrace when `RUST_BACKTRACE` is set; the whole
+/// chain is logged at debug level).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let first = text.lines().next().unwrap_or("").trim_end();
+        if first.is_empty() || out.contains(first) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(first);
+    }
+    out
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
