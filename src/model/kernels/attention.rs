@@ -16,7 +16,7 @@ use rayon::prelude::*;
 /// buffer (column bands of the merged (B, T, H·D) output).
 #[derive(Clone, Copy)]
 struct SharedMut<R>(*mut R);
-// SAFETY: only used for writes to disjoint elements, see `AttnCore::fwd_kernel`.
+// SAFETY: only used for writes to disjoint elements, see `AttnCore::fwd`.
 unsafe impl<R> Send for SharedMut<R> {}
 // SAFETY: as above.
 unsafe impl<R> Sync for SharedMut<R> {}
