@@ -7,6 +7,9 @@ use std::io::Write;
 use std::path::Path;
 
 /// Run `write` against a temp path next to `path`, then rename it onto `path`.
+/// Errors name `path`, the file asked for, never the temp file; a failed
+/// write removes the temp file (a killed one leaves `.xtf-tmp-*`, which the
+/// next run in that directory removes: [`crate::outdir`]).
 pub fn write_atomic_with<F>(path: &Path, write: F) -> Result<()>
 where
     F: FnOnce(&Path) -> Result<()>,
@@ -16,11 +19,24 @@ where
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".xtf-tmp-")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    write(tmp.path())?;
+    // 0666 less the umask, as `File::create` gives (tempfile's default is 0600).
+    #[cfg(unix)]
+    let mode = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o666);
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".xtf-tmp-");
+    #[cfg(unix)]
+    builder.permissions(mode);
+    let tmp = builder.tempfile_in(dir).map_err(|e| Error::io(path, e))?;
+    write(tmp.path()).map_err(|e| match e {
+        Error::Io { source, .. } => Error::io(path, source),
+        other => {
+            let text = other
+                .to_string()
+                .replace(&tmp.path().display().to_string(), "");
+            let text = text.trim_start_matches([':', ' ']);
+            Error::Msg(format!("{}: cannot write: {text}", path.display()))
+        }
+    })?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }

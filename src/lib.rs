@@ -20,8 +20,10 @@ pub mod error;
 pub mod eval;
 pub mod io;
 pub mod model;
+pub mod outdir;
 pub mod pipeline;
 pub mod setup;
+pub mod stop;
 pub mod train;
 pub mod xtf;
 

@@ -240,9 +240,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             pipeline::evaluate(&config()?, target, cli.quiet)?;
         }
         Some(Cmd::Score) => {
+            xtf_train::stop::install()?;
             pipeline::score(&config()?, sw)?;
         }
         Some(Cmd::Train) | None => {
+            // SIGTERM / SIGINT: finish the step, checkpoint, exit non-zero.
+            xtf_train::stop::install()?;
             pipeline::run(&config()?, sw)?;
         }
     }

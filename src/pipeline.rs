@@ -8,6 +8,7 @@ use crate::config::{Config, Strategy};
 use crate::error::Result;
 use crate::eval::{self, gen};
 use crate::model::Trainable;
+use crate::outdir::{OutPaths, RunDir};
 use crate::setup::{open_model, setup, Opened, Setup};
 use crate::train::{self, LossMask, RunOptions};
 use crate::xtf::{self, XtfRun};
@@ -36,10 +37,15 @@ pub fn ensure_assets(cfg: &Config) -> Result<()> {
 
 /// Stage 2: the loss mask the config asks for; XTF scores with the base
 /// model (adapters off) before any training step.
-pub fn loss_mask(cfg: &Config, s: &mut Setup, sw: Switches) -> Result<(Option<XtfRun>, LossMask)> {
+pub fn loss_mask(
+    cfg: &Config,
+    s: &mut Setup,
+    out: &OutPaths,
+    sw: Switches,
+) -> Result<(Option<XtfRun>, LossMask)> {
     Ok(match cfg.strategy() {
         Strategy::Xtf => {
-            let r = xtf::prepare(cfg, s, sw.rescore, sw.quiet)?;
+            let r = xtf::prepare(cfg, s, out, sw.rescore, sw.quiet)?;
             let m = LossMask::from_keep(&r.mask.keep);
             (Some(r), m)
         }
@@ -53,13 +59,20 @@ pub fn loss_mask(cfg: &Config, s: &mut Setup, sw: Switches) -> Result<(Option<Xt
 
 /// `xtf-train score`: only the XTF scoring pass and its outputs.
 pub fn score(cfg: &Config, sw: Switches) -> Result<XtfRun> {
+    let dir = RunDir::open(&cfg.output.dir)?;
     let s = setup(cfg)?;
-    xtf::prepare(cfg, &s, sw.rescore, sw.quiet)
+    let r = xtf::prepare(cfg, &s, dir.paths(), sw.rescore, sw.quiet)?;
+    dir.publish()?;
+    Ok(r)
 }
 
 /// The whole pipeline: setup, mask, training, the report's loss curve and,
 /// with `[eval] after_train`, evaluation of the model still in memory.
+/// One run per `output.dir` (locked first); its outputs are published
+/// together when everything succeeded.
 pub fn run(cfg: &Config, sw: Switches) -> Result<train::TrainReport> {
+    let dir = RunDir::open(&cfg.output.dir)?;
+    let out = dir.paths().clone();
     let eval_after = cfg.eval.as_ref().is_some_and(|e| e.after_train);
     if eval_after {
         // A bad [eval] task fails now, not after the training run.
@@ -69,19 +82,21 @@ pub fn run(cfg: &Config, sw: Switches) -> Result<train::TrainReport> {
     // Before the scoring pass and the first step: a run that cannot fit on
     // the card stops now, naming the numbers.
     train::memory::check(cfg, &setup.model.cfg, &setup.model.device)?;
-    let (xtf_run, mask) = loss_mask(cfg, &mut setup, sw)?;
+    let (xtf_run, mask) = loss_mask(cfg, &mut setup, &out, sw)?;
     let opts = RunOptions {
         quiet: sw.quiet,
         resume: sw.resume,
+        out: out.clone(),
     };
     let report = train::train(cfg, &mut setup, &mask, opts)?;
     if let Some(r) = &xtf_run {
-        xtf::write_report(cfg, &setup, r, &loss_points(&report.metrics))?;
+        xtf::write_report(cfg, &setup, r, &loss_points(&report.metrics), &out.stage)?;
     }
     if eval_after {
         let opts = eval::EvalOptions {
             quiet: sw.quiet,
             label: format!("{} trained in memory", cfg.output.dir.display()),
+            out: out.stage.clone(),
         };
         let source = eval::Source::Model {
             model: &setup.model,
@@ -90,6 +105,7 @@ pub fn run(cfg: &Config, sw: Switches) -> Result<train::TrainReport> {
         };
         eval::run(cfg, source, &opts)?;
     }
+    dir.publish()?;
     Ok(report)
 }
 
@@ -104,12 +120,26 @@ pub enum EvalTarget {
     Completions(PathBuf),
 }
 
-/// `xtf-train eval`: the tasks are checked before the model is loaded.
+/// `xtf-train eval`: the tasks are checked before the model is loaded;
+/// `eval.json` and `eval_samples.jsonl` are published together.
 pub fn evaluate(cfg: &Config, target: EvalTarget, quiet: bool) -> Result<eval::EvalReport> {
+    let out = RunDir::open(&cfg.output.dir)?;
+    let report = evaluate_into(cfg, target, quiet, &out.paths().stage)?;
+    out.publish()?;
+    Ok(report)
+}
+
+fn evaluate_into(
+    cfg: &Config,
+    target: EvalTarget,
+    quiet: bool,
+    out: &Path,
+) -> Result<eval::EvalReport> {
+    let out = out.to_path_buf();
     let (dir, adapter) = match target {
         EvalTarget::Completions(file) => {
             let label = format!("completions {}", file.display());
-            let opts = eval::EvalOptions { quiet, label };
+            let opts = eval::EvalOptions { quiet, label, out };
             return eval::run(cfg, eval::Source::Completions(&file), &opts);
         }
         EvalTarget::Model { dir, adapter } => (dir, adapter),
@@ -126,7 +156,7 @@ pub fn evaluate(cfg: &Config, target: EvalTarget, quiet: bool) -> Result<eval::E
         tok: &tok,
         model_dir: &dir,
     };
-    eval::run(cfg, source, &eval::EvalOptions { quiet, label })
+    eval::run(cfg, source, &eval::EvalOptions { quiet, label, out })
 }
 
 /// `xtf-train generate`: `prompt` in the training format (`data.template`,

@@ -155,6 +155,14 @@ fn load_examples(
         stats.dropped,
         d.max_seq_len
     );
+    if stats.cut > 0 {
+        tracing::info!(
+            "{source}: {} records cut to their first {} bytes before tokenisation (only max_seq_len {} tokens are kept)",
+            stats.cut,
+            tok.text_budget(d.max_seq_len),
+            d.max_seq_len
+        );
+    }
     if ex.is_empty() {
         return Err(Error::data(
             Path::new(source),

@@ -343,6 +343,7 @@ fn strategies_build_their_masks_from_a_reference_model() {
         let opts = xtf_train::train::RunOptions {
             quiet: true,
             resume: false,
+            out: xtf_train::outdir::OutPaths::direct(&cfg.output.dir),
         };
         let rep = xtf_train::train::train(&cfg, &mut s, &m, opts).unwrap();
         assert_eq!((rep.steps, rep.skipped_steps), (2, 0));

@@ -199,6 +199,7 @@ fn train_run(train_extra: &str, data_extra: &str, dropout: f64) -> (Vec<u8>, Vec
     let opts = RunOptions {
         quiet: true,
         resume: false,
+        out: xtf_train::outdir::OutPaths::direct(&cfg.output.dir),
     };
     let report = xtf_train::train::train(&cfg, &mut s, &LossMask::All, opts).unwrap();
     let adapter = std::fs::read(d.path().join("out/adapter_model.safetensors")).unwrap();

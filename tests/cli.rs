@@ -10,7 +10,7 @@ use common::{bin, stderr};
 
 /// Run the README's embedded default once (creating the tiny assets) in a
 /// fresh directory, exactly as a user would from the repository root.
-fn tiny_run() -> &'static PathBuf {
+pub(crate) fn tiny_run() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-e2e");
@@ -98,7 +98,7 @@ fn tiny_default_trains_and_writes_every_output() {
 }
 
 /// A config over the tiny model with the given data file; output in `dir/out`.
-fn config_with(dir: &Path, model: &Path, train: &Path, extra: &str) -> PathBuf {
+pub(crate) fn config_with(dir: &Path, model: &Path, train: &Path, extra: &str) -> PathBuf {
     let text = format!(
         "[model]\npath = {:?}\n[data]\ntrain = {:?}\ntemplate = \"Question: {{prompt}}\\nAnswer: \"\n[train]\nmax_steps = 2\nmicro_batch_size = 2\n{extra}\n[output]\ndir = {:?}\n",
         model.display().to_string(), train.display().to_string(), dir.join("out").display().to_string()
@@ -116,7 +116,7 @@ fn fails_with(cfg: &Path, needles: &[&str]) {
     );
 }
 
-fn good_data(dir: &Path) -> PathBuf {
+pub(crate) fn good_data(dir: &Path) -> PathBuf {
     let p = dir.join("train.jsonl");
     std::fs::write(&p, "{\"prompt\": \"1+1?\", \"response\": \"2\"}\n{\"prompt\": \"2+2?\", \"response\": \"4\"}\n").unwrap();
     p

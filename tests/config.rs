@@ -108,6 +108,57 @@ fn impossible_values_are_rejected_with_their_key() {
     assert!(e.contains("model.device"), "{e}");
 }
 
+/// Issue 25: no float key takes NaN or an infinity (TOML writes them `nan`,
+/// `inf`, `-inf`), each reported with its key and value.
+#[test]
+fn float_keys_reject_nan_and_infinities() {
+    let keys = [
+        ("train", "lr"),
+        ("train", "weight_decay"),
+        ("train", "max_grad_norm"),
+        ("train", "beta1"),
+        ("train", "beta2"),
+        ("train", "eps"),
+        ("lora", "alpha"),
+        ("lora", "dropout"),
+        ("xtf.ri", "iqr_factor"),
+        ("xtf.ri", "max_share"),
+        ("xtf.kn", "threshold"),
+        ("xtf.kn", "max_share"),
+        ("xtf.tr", "cut_share"),
+        ("xtf.tr", "max_share"),
+        ("mask", "keep_ratio"),
+    ];
+    for (section, key) in keys {
+        for v in ["nan", "inf", "-inf"] {
+            let extra = format!("[{section}]\n{key} = {v}");
+            let e = parse(&MINIMAL.replace("[output]", &format!("{extra}\n[output]"))).unwrap_err();
+            let v_shown = match v {
+                "nan" => "NaN",
+                other => other,
+            };
+            assert!(
+                e.starts_with(&format!("cfg/x.toml: {section}.{key}:"))
+                    && e.contains(&format!("got {v_shown}")),
+                "{section}.{key} = {v} -> {e}"
+            );
+        }
+    }
+    let task = "[eval]\n[[eval.tasks]]\nname = \"gsm8k\"\npath = \"t.jsonl\"\n";
+    for (key, v) in [
+        ("temperature", "inf"),
+        ("timeout_s", "inf"),
+        ("top_p", "nan"),
+    ] {
+        let text = format!("{MINIMAL}\n{task}{key} = {v}\n");
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.contains(&format!("eval.tasks[0].{key}")),
+            "{key} = {v} -> {e}"
+        );
+    }
+}
+
 #[test]
 fn missing_required_section_is_named() {
     let e = parse("[model]\npath = \"m\"\n[output]\ndir = \"o\"\n").unwrap_err();

@@ -527,3 +527,49 @@ fn chat_ids_are_the_whole_rendering_tokenised_once() {
     }
     assert_eq!(checked, 11);
 }
+
+/// Issue 25: a huge record costs memory in proportion to max_seq_len. Its
+/// text is cut before tokenisation ([`Tok::text_budget`]), and the kept
+/// tokens are exactly those of the whole text tokenised and truncated.
+#[test]
+fn huge_records_are_cut_before_tokenisation_keeping_every_token_that_fits() {
+    let t = Tok::from_parts(
+        byte_tokenizer(&["</s>"], None),
+        Some(&json!({"eos_token": "</s>"})),
+        None,
+        Path::new("t"),
+    )
+    .unwrap();
+    assert_eq!(t.max_token_bytes, 4, "the longest entry is `</s>`");
+    let max_seq_len = 100;
+    let budget = t.text_budget(max_seq_len);
+    assert_eq!(budget, 2 * 101 * 4 + 1024);
+    let prompt = "héllo ".repeat(3);
+    let response = "ünïcode wörds and 123 ".repeat(10_000); // 250 KB
+    assert!(response.len() > 100 * budget);
+    let rec = rec(&prompt, &response);
+    let (ex, truncated) = tokenize_one(&rec, &t, "Q: {prompt}\nA: ", max_seq_len).unwrap();
+    let ex = ex.unwrap();
+    assert!(truncated);
+    // Independently: the whole texts tokenised, then cut to max_seq_len.
+    let mut want = t
+        .inner
+        .encode(format!("Q: {prompt}\nA: "), false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let label_start = want.len();
+    want.extend(t.inner.encode(response.as_str(), false).unwrap().get_ids());
+    want.truncate(max_seq_len);
+    assert_eq!(
+        ex,
+        Example {
+            ids: want,
+            label_start
+        }
+    );
+    let (_, stats) =
+        xtf_train::data::tokenize(&[rec, self::rec("a", "b")], &t, "{prompt}", max_seq_len)
+            .unwrap();
+    assert_eq!((stats.cut, stats.truncated, stats.rows.len()), (1, 1, 2));
+}

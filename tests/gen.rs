@@ -27,6 +27,7 @@ fn tok(n: u32) -> Tok {
         bos: None,
         eos: u32::MAX,
         pad: 0,
+        max_token_bytes: 8,
     }
 }
 

@@ -159,6 +159,11 @@ impl Tiny {
 
     /// Write a GGUF the way llama.cpp would: GGUF names, Q/K permuted.
     fn write(&self, path: &Path, arch: &str, extra: &[(&str, Tensor)]) {
+        self.write_md(path, &self.metadata(arch), extra)
+    }
+
+    /// [`Self::write`] with the given metadata.
+    fn write_md(&self, path: &Path, md: &[(String, GValue)], extra: &[(&str, Tensor)]) {
         let mut named: Vec<(String, QTensor)> = Vec::new();
         for (hf, t) in self.hf_weights() {
             let g = gguf_name(&hf);
@@ -177,7 +182,6 @@ impl Tiny {
                 QTensor::quantize(t, GgmlDType::F32).expect("quantize"),
             ));
         }
-        let md = self.metadata(arch);
         let md_refs: Vec<(&str, &GValue)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let t_refs: Vec<(&str, &QTensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let mut f = std::fs::File::create(path).expect("create");
@@ -450,6 +454,40 @@ fn errors_are_typed_and_name_the_file() {
         "{e}"
     );
     assert!(!dir.join("extra").join("config.json").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 25: metadata that cannot describe a model is refused with the key,
+/// like the other malformed files, and nothing is written.
+#[test]
+fn metadata_that_cannot_describe_a_model_is_refused() {
+    let dir = scratch("meta");
+    let tiny = Tiny::new();
+    let cases = [
+        ("llama.context_length", GValue::U32(0), "must be > 0"),
+        (
+            "llama.rope.scaling.type",
+            GValue::String("yarn".into()),
+            "RoPE scaling \"yarn\" is not supported",
+        ),
+    ];
+    for (key, value, needle) in cases {
+        let mut md = tiny.metadata("llama");
+        md.retain(|(k, _)| k != key);
+        md.push((key.to_string(), value));
+        let (p, out) = (dir.join("bad.gguf"), dir.join("bad"));
+        tiny.write_md(&p, &md, &[]);
+        let e = convert(&p, &out, DType::F32).expect_err(key);
+        assert!(
+            matches!(&e, GgufError::Metadata { key: k, .. } if k == key),
+            "{key}: {e}"
+        );
+        assert!(
+            e.to_string().contains(needle) && e.to_string().contains("bad.gguf"),
+            "{e}"
+        );
+        assert!(!out.join("config.json").exists(), "{key}: wrote a config");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -24,6 +24,7 @@ mod memory;
 mod optim;
 mod packing;
 mod parity;
+mod robust;
 mod sandbox;
 mod score;
 mod synth;

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use xtf_train::config::Config;
+use xtf_train::outdir::OutPaths;
 use xtf_train::setup::setup;
 use xtf_train::xtf::mask::{build, noisy};
 use xtf_train::xtf::prepare;
@@ -30,7 +31,7 @@ fn union_semantics_for_all_eight_attribute_combinations() {
         "[xtf.ri]\niqr_factor = 0.25\n[xtf.kn]\nthreshold = 0.99\n",
     );
     let s = setup(&base).unwrap();
-    let run = prepare(&base, &s, false, true).unwrap();
+    let run = prepare(&base, &s, &OutPaths::direct(&base.output.dir), false, true).unwrap();
     let m = &run.mask;
     let count = |v: &Vec<Vec<bool>>| v.iter().flatten().filter(|b| **b).count();
     // The fixture model is near-uniform, so KN (threshold 0.99) and the
@@ -71,7 +72,7 @@ fn ri_fence_flags_exactly_the_scores_below_q1_minus_k_iqr() {
     let (d, _) = env();
     let cfg = config(d.path(), "", "[xtf.ri]\niqr_factor = 0.25\n");
     let s = setup(&cfg).unwrap();
-    let run = prepare(&cfg, &s, false, true).unwrap();
+    let run = prepare(&cfg, &s, &OutPaths::direct(&cfg.output.dir), false, true).unwrap();
     // Independent numpy-style linear quantiles on the sorted scores.
     let mut all: Vec<f64> = run
         .scores
@@ -98,7 +99,7 @@ fn protect_eos_exempts_only_the_eos_label() {
     let (d, _) = env();
     let cfg = config(d.path(), "", "[xtf.kn]\nthreshold = 0.9999\n");
     let s = setup(&cfg).unwrap();
-    let run = prepare(&cfg, &s, false, true).unwrap();
+    let run = prepare(&cfg, &s, &OutPaths::direct(&cfg.output.dir), false, true).unwrap();
     let mut x = cfg.xtf.clone().unwrap();
     x.protect_eos = true;
     let p = build(&run.scores, &s.train, &x, s.tok.eos);
@@ -118,9 +119,23 @@ fn cache_reuses_and_every_keyed_input_recomputes() {
     let (d, model) = env();
     let xtf = "[xtf.ri]\nreduce = \"received_mean\"\n";
     let cfg = config(d.path(), "", xtf);
-    let first = prepare(&cfg, &setup(&cfg).unwrap(), false, true).unwrap();
+    let first = prepare(
+        &cfg,
+        &setup(&cfg).unwrap(),
+        &OutPaths::direct(&cfg.output.dir),
+        false,
+        true,
+    )
+    .unwrap();
     assert!(!first.reused);
-    let again = prepare(&cfg, &setup(&cfg).unwrap(), false, true).unwrap();
+    let again = prepare(
+        &cfg,
+        &setup(&cfg).unwrap(),
+        &OutPaths::direct(&cfg.output.dir),
+        false,
+        true,
+    )
+    .unwrap();
     assert!(again.reused, "same inputs must reuse the cache");
     assert_eq!(again.scores, first.scores);
     // Filter options only: reuse, but the cut-offs follow the new options.
@@ -129,23 +144,50 @@ fn cache_reuses_and_every_keyed_input_recomputes() {
         "",
         &format!("{xtf}iqr_factor = 0.1\n[xtf.kn]\nthreshold = 0.5\n"),
     );
-    let r = prepare(&f, &setup(&f).unwrap(), false, true).unwrap();
+    let r = prepare(
+        &f,
+        &setup(&f).unwrap(),
+        &OutPaths::direct(&f.output.dir),
+        false,
+        true,
+    )
+    .unwrap();
     assert!(r.reused);
     assert_ne!(r.mask.keep, first.mask.keep);
     assert!(
-        !prepare(&cfg, &setup(&cfg).unwrap(), true, true)
-            .unwrap()
-            .reused,
+        !prepare(
+            &cfg,
+            &setup(&cfg).unwrap(),
+            &OutPaths::direct(&cfg.output.dir),
+            true,
+            true
+        )
+        .unwrap()
+        .reused,
         "--rescore forces it"
     );
 
     // Prime the cache with the baseline inputs; a changed input must miss.
     let prime = || {
         let b = config(d.path(), "", xtf);
-        prepare(&b, &setup(&b).unwrap(), false, true).unwrap();
+        prepare(
+            &b,
+            &setup(&b).unwrap(),
+            &OutPaths::direct(&b.output.dir),
+            false,
+            true,
+        )
+        .unwrap();
     };
     let misses = |cfg: &Config, what: &str| {
-        let r = prepare(cfg, &setup(cfg).unwrap(), false, true).unwrap();
+        let r = prepare(
+            cfg,
+            &setup(cfg).unwrap(),
+            &OutPaths::direct(&cfg.output.dir),
+            false,
+            true,
+        )
+        .unwrap();
         assert!(!r.reused, "changing {what} must recompute");
     };
     let recompute = |cfg: &Config, what: &str| {
@@ -227,6 +269,7 @@ fn steps_with_no_unmasked_token_are_skipped_and_counted() {
         xtf_train::train::RunOptions {
             quiet: true,
             resume: false,
+            out: OutPaths::direct(&cfg.output.dir),
         },
     )
     .unwrap();
@@ -248,7 +291,7 @@ fn caps_apply_per_attribute_and_per_example() {
         "[xtf.ri]\niqr_factor = 0.25\n[xtf.kn]\nthreshold = 0.99\n",
     );
     let s = setup(&cfg).unwrap();
-    let run = prepare(&cfg, &s, false, true).unwrap();
+    let run = prepare(&cfg, &s, &OutPaths::direct(&cfg.output.dir), false, true).unwrap();
     let free = &run.mask;
     let count = |v: &Vec<Vec<bool>>| v.iter().flatten().filter(|b| **b).count();
     let share = 0.2;
@@ -327,7 +370,7 @@ fn per_example_ri_fence_uses_each_examples_own_quartiles() {
         "[xtf.ri]\nscope = \"example\"\niqr_factor = 0.1\n[xtf.kn]\nenabled = false\n[xtf.tr]\nenabled = false\n",
     );
     let s = setup(&cfg).unwrap();
-    let run = prepare(&cfg, &s, false, true).unwrap();
+    let run = prepare(&cfg, &s, &OutPaths::direct(&cfg.output.dir), false, true).unwrap();
     assert!(run.summary.cutoffs.ri.is_none());
     let mut total = 0;
     for (i, sc) in run.scores.iter().enumerate() {

@@ -169,6 +169,10 @@ pub struct TrainSection {
     /// about one more forward per step; gradients are unchanged.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Stop with an error after this many consecutive steps whose loss or
+    /// gradient norm is not finite (each is skipped: no update).
+    #[serde(default = "default_max_skipped")]
+    pub max_skipped_steps: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -515,6 +519,9 @@ fn default_max_seq_len() -> usize {
 }
 fn default_method() -> Method {
     Method::Lora
+}
+fn default_max_skipped() -> usize {
+    3
 }
 fn default_micro_batch() -> usize {
     4

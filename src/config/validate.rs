@@ -101,6 +101,11 @@ fn train(t: &TrainSection, c: &mut Checks) {
     c.check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1");
     c.check(t.log_steps >= 1, "train.log_steps", "must be >= 1");
     c.check(t.eval_steps != Some(0), "train.eval_steps", "must be >= 1");
+    c.check(
+        t.max_skipped_steps >= 1,
+        "train.max_skipped_steps",
+        "must be >= 1",
+    );
     c.non_negative(t.weight_decay, "train.weight_decay", false, "must be >= 0");
     c.non_negative(
         t.max_grad_norm,

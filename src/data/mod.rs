@@ -269,6 +269,21 @@ pub struct TokenizeStats {
     pub truncated: usize,
     /// Examples dropped because the prompt alone fills `max_seq_len`.
     pub dropped: usize,
+    /// Records whose prompt or response text was cut before tokenisation
+    /// ([`Tok::text_budget`]); each is truncated or dropped too.
+    pub cut: usize,
+}
+
+/// `text` cut to at most `budget` bytes, at a character boundary.
+fn cut_text(text: &str, budget: usize) -> &str {
+    if text.len() <= budget {
+        return text;
+    }
+    let mut end = budget;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Tokenise one record. Returns `None` when the prompt leaves no room for a label.
@@ -278,10 +293,13 @@ pub fn tokenize_one(
     template: &str,
     max_seq_len: usize,
 ) -> Result<(Option<Example>, bool)> {
+    // Text past what max_seq_len tokens can hold is never tokenised.
+    let budget = tok.text_budget(max_seq_len);
+    let prompt = cut_text(&rec.prompt, budget);
     let mut ids: Vec<u32> = tok.bos.into_iter().collect();
     ids.extend(tok.encode(&match rec.chat {
-        true => rec.prompt.clone(),
-        false => template.replace("{prompt}", &rec.prompt),
+        true => prompt.to_string(),
+        false => template.replace("{prompt}", prompt),
     })?);
     if ids.is_empty() {
         // The spec needs position p-1 >= 0 for every label token.
@@ -293,7 +311,7 @@ pub fn tokenize_one(
     if label_start >= max_seq_len {
         return Ok((None, false));
     }
-    let mut response = tok.encode(&rec.response)?;
+    let mut response = tok.encode(cut_text(&rec.response, budget))?;
     if !rec.chat {
         response.push(tok.eos);
     }
@@ -313,7 +331,9 @@ pub fn tokenize(
 ) -> Result<(Vec<Example>, TokenizeStats)> {
     let mut stats = TokenizeStats::default();
     let mut out = Vec::with_capacity(records.len());
+    let budget = tok.text_budget(max_seq_len);
     for (row, rec) in records.iter().enumerate() {
+        stats.cut += (rec.prompt.len() > budget || rec.response.len() > budget) as usize;
         match tokenize_one(rec, tok, template, max_seq_len)? {
             (Some(ex), truncated) => {
                 stats.truncated += truncated as usize;

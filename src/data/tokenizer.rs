@@ -12,6 +12,11 @@ pub struct Tok {
     pub eos: u32,
     /// Right padding id; never trained on, so any valid id works.
     pub pad: u32,
+    /// The longest vocabulary entry in bytes: no token stands for more text
+    /// than this (byte-level entries spell one byte with one or two bytes,
+    /// SentencePiece's `▁` is three bytes for one space), which bounds the
+    /// text worth tokenising for `max_seq_len` tokens ([`Tok::text_budget`]).
+    pub max_token_bytes: usize,
 }
 
 impl Tok {
@@ -82,12 +87,33 @@ impl Tok {
             .and_then(token_id)
             .or_else(|| cfg_id("pad_token_id"))
             .unwrap_or(eos);
+        let max_token_bytes = inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(Self {
             inner,
             bos,
             eos,
             pad,
+            max_token_bytes,
         })
+    }
+
+    /// Bytes of text worth tokenising when at most `max_tokens` tokens are
+    /// kept: twice what that many of the longest tokens could cover, plus
+    /// 1 KiB, so the cut lies far past the last token kept and cannot change
+    /// it (for tokenizers that cover every byte of their input, as byte-level
+    /// BPE and SentencePiece do). A record then costs memory in proportion
+    /// to `max_seq_len`, not to its size.
+    pub fn text_budget(&self, max_tokens: usize) -> usize {
+        max_tokens
+            .saturating_add(1)
+            .saturating_mul(2 * self.max_token_bytes)
+            .saturating_add(1024)
     }
 
     /// Encode without special tokens (the trainer adds BOS/EOS itself).

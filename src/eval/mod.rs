@@ -60,6 +60,8 @@ pub struct EvalOptions {
     pub quiet: bool,
     /// What is evaluated (model dir, adapter, ...), recorded in `eval.json`.
     pub label: String,
+    /// Where `eval.json` and `eval_samples.jsonl` go.
+    pub out: std::path::PathBuf,
 }
 
 /// `eval.json`.
@@ -331,7 +333,7 @@ fn sample_task(
 }
 
 /// Evaluate every `[eval]` task, log a table, and write `eval.json` and
-/// `eval_samples.jsonl` to `output.dir`.
+/// `eval_samples.jsonl` to `opts.out`.
 pub fn run(cfg: &Config, source: Source, opts: &EvalOptions) -> Result<EvalReport> {
     let comp = match &source {
         Source::Completions(path) => Some(load_completions(path)?),
@@ -396,7 +398,7 @@ pub fn run(cfg: &Config, source: Source, opts: &EvalOptions) -> Result<EvalRepor
         tasks: results,
     };
     log_table(&report);
-    write_outputs(&cfg.output.dir, &report, &records)?;
+    write_outputs(&opts.out, &report, &records)?;
     Ok(report)
 }
 

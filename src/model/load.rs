@@ -257,6 +257,28 @@ fn converted_gguf(file: &Path, dtype: DType) -> Result<PathBuf> {
     }
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    // One conversion at a time in the cache: under its lock, a `.converting-*`
+    // directory can only be a killed run's, and is removed.
+    let lock_path = parent.with_extension("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(&lock_path, e))?;
+    lock.lock().map_err(|e| Error::io(&lock_path, e))?;
+    if dir.join("model.safetensors").is_file() {
+        return Ok(dir); // converted by another process while we waited
+    }
+    for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(".converting-") {
+            tracing::info!(
+                "removing {} (left by an interrupted conversion)",
+                e.path().display()
+            );
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let tmp = tempfile::Builder::new()
         .prefix(".converting-")
         .tempdir_in(parent)
@@ -271,11 +293,9 @@ fn converted_gguf(file: &Path, dtype: DType) -> Result<PathBuf> {
     let staged = tmp.keep();
     if let Err(e) = std::fs::rename(&staged, &dir) {
         let _ = std::fs::remove_dir_all(&staged);
-        // Another process may have finished the same conversion first.
-        if !dir.join("model.safetensors").is_file() {
-            return Err(Error::io(&dir, e));
-        }
+        return Err(Error::io(&dir, e));
     }
+    drop(lock);
     tracing::info!("converted in {:.1}s", started.elapsed().as_secs_f64());
     Ok(dir)
 }

@@ -18,6 +18,7 @@ use crate::data::{self, Batch, Example};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::model::{lora, Fwd};
+use crate::outdir::OutPaths;
 use crate::setup::Setup;
 use crate::train::metrics::{Metrics, StepMetrics};
 use crate::train::optim::{lr_at, AdamW, AdamWParams};
@@ -26,6 +27,7 @@ use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -166,24 +168,32 @@ pub struct TrainReport {
     pub metrics: Vec<StepMetrics>,
 }
 
-/// Run-level switches from the command line.
-#[derive(Debug, Clone, Copy, Default)]
+/// Run-level switches and where the run writes.
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     /// No progress bar; plain log lines.
     pub quiet: bool,
     /// Continue from the newest checkpoint in `output.dir`, if any.
     pub resume: bool,
+    /// Outputs to `out.stage`, checkpoints to `out.dir`.
+    pub out: OutPaths,
 }
 
-/// Train per the config and write every output to `output.dir`.
+/// Train per the config: checkpoints in `run.out.dir`, every other output
+/// in `run.out.stage`.
 pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> Result<TrainReport> {
     let t = &cfg.train;
     let mut opt = AdamW::new(s.vars.clone(), AdamWParams::from(t))?;
     let plan = Plan::new(s.train.len(), t);
     // data.packing: rows of up to max_seq_len tokens, several examples each.
     let packing = cfg.data.packing.then_some(cfg.data.max_seq_len);
-    let mut log = RunLog::open(cfg, s, &mut opt, plan.steps, run)?;
+    let settings = checkpoint::fingerprint(cfg, &s.train, &s.eval, mask);
+    let mut log = RunLog::open(cfg, s, &mut opt, plan.steps, &run, settings)?;
     for step in log.start..plan.steps {
+        // SIGTERM / SIGINT: checkpoint the steps done, say how to resume.
+        if crate::stop::requested() {
+            return Err(log.stop(s, &opt, step));
+        }
         let started = Instant::now();
         // Every micro-batch first: the loss is normalised by the unmasked
         // label tokens of the whole optimizer step (spec: loss mask).
@@ -217,8 +227,14 @@ pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> R
             accumulate(&mut acc, &s.vars, &grads)?;
             loss += l;
         }
-        // Clip and update.
-        let grad_norm = opt.step(&acc, lr, t.max_grad_norm)?;
+        // A non-finite loss or gradient: no update (too many in a row stop
+        // the run); otherwise clip and update.
+        let grad_norm = opt.norm(&acc)?;
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            log.non_finite(step, loss, grad_norm)?;
+            continue;
+        }
+        opt.apply(&acc, lr, t.max_grad_norm, grad_norm)?;
         let tokens: usize = batches.iter().flat_map(|(b, _)| &b.lengths).sum();
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
         // Evaluate on schedule and always after the last step.
@@ -244,8 +260,25 @@ pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> R
         }
     }
     let report = log.finish(plan.steps);
-    save_outputs(cfg, s)?;
+    save_outputs(cfg, s, &run.out.stage)?;
     Ok(report)
+}
+
+/// Every trainable tensor is finite (nothing non-finite is ever saved).
+fn check_finite(vars: &[(String, Var)]) -> Result<()> {
+    for (name, v) in vars {
+        let t = v.as_tensor().detach().flatten_all()?;
+        // NaN is the one value unequal to itself; a max skips NaNs.
+        let nans = t.ne(&t)?.to_dtype(candle_core::DType::F32)?.sum_all()?;
+        let max = t.abs()?.max(0)?;
+        let (nans, max) = (crate::io::scalar_f64(&nans)?, crate::io::scalar_f64(&max)?);
+        if nans > 0.0 || !max.is_finite() {
+            return Err(Error::Msg(format!(
+                "{name} holds non-finite values; refusing to write it"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A run's bookkeeping, kept out of the loop: the dropout RNG, metrics.jsonl,
@@ -255,12 +288,19 @@ struct RunLog {
     metrics: Metrics,
     bar: indicatif::ProgressBar,
     quiet: bool,
+    /// `output.dir`: checkpoints.
     out: PathBuf,
+    config: PathBuf,
     log_steps: usize,
     steps: usize,
     /// First optimizer step this process runs (> 0 after `--resume`).
     start: usize,
     skipped: usize,
+    /// Consecutive non-finite steps so far, and how many stop the run.
+    non_finite: usize,
+    max_non_finite: usize,
+    /// The run's shaping settings, recorded in every checkpoint.
+    settings: BTreeMap<String, String>,
     first_loss: f64,
     last_loss: f64,
     eval: Option<f64>,
@@ -269,36 +309,49 @@ struct RunLog {
 }
 
 impl RunLog {
-    /// Create `output.dir`, write the resolved config, restore a checkpoint
-    /// when resuming.
+    /// Write the resolved config into the staging area, restore a checkpoint
+    /// of this same run when resuming (refusing one from other settings or
+    /// at / past the last step).
     fn open(
         cfg: &Config,
         s: &Setup,
         opt: &mut AdamW,
         steps: usize,
-        run: RunOptions,
+        run: &RunOptions,
+        settings: BTreeMap<String, String>,
     ) -> Result<Self> {
-        let out = cfg.output.dir.clone();
-        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-        crate::io::write_atomic(&out.join("config.resolved.toml"), cfg.to_toml().as_bytes())?;
+        let RunOptions { quiet, resume, out } = run;
+        for d in [&out.dir, &out.stage] {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+        }
+        crate::io::write_atomic(
+            &out.stage.join("config.resolved.toml"),
+            cfg.to_toml().as_bytes(),
+        )?;
         let mut log = Self {
             rng: ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0x5eed),
-            metrics: Metrics::new(out.join("metrics.jsonl")),
-            bar: crate::io::progress(steps as u64, run.quiet),
-            quiet: run.quiet,
+            metrics: Metrics::new(out.stage.join("metrics.jsonl")),
+            bar: crate::io::progress(steps as u64, *quiet),
+            quiet: *quiet,
             log_steps: cfg.train.log_steps,
             steps,
             start: 0,
             skipped: 0,
+            non_finite: 0,
+            max_non_finite: cfg.train.max_skipped_steps,
+            settings,
             first_loss: f64::NAN,
             last_loss: f64::NAN,
             eval: None,
             started: Instant::now(),
             tokens: 0,
-            out,
+            out: out.dir.clone(),
+            config: cfg.source.clone(),
         };
-        match run.resume.then(|| checkpoint::latest(&log.out)).flatten() {
+        match resume.then(|| checkpoint::latest(&log.out)).flatten() {
             Some(dir) => {
+                let st = checkpoint::read_state(&dir)?;
+                checkpoint::check_resumable(&dir, &st, &log.settings, steps)?;
                 let st = checkpoint::load(&dir, &s.vars, opt)?;
                 log.rng.set_word_pos(
                     st.rng_word_pos
@@ -307,10 +360,10 @@ impl RunLog {
                 );
                 (log.start, log.skipped) = (st.step, st.skipped);
                 log.first_loss = st.metrics.first().map_or(f64::NAN, |m| m.loss);
-                log.metrics = Metrics::resume(log.out.join("metrics.jsonl"), st.metrics);
+                log.metrics = Metrics::resume(out.stage.join("metrics.jsonl"), st.metrics);
                 tracing::info!("resuming from {} (step {})", dir.display(), log.start);
             }
-            None if run.resume => tracing::warn!(
+            None if *resume => tracing::warn!(
                 "--resume: no checkpoint in {}; starting from step 0",
                 log.out.display()
             ),
@@ -323,6 +376,50 @@ impl RunLog {
             s.vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>()
         );
         Ok(log)
+    }
+
+    /// A step whose loss or gradient norm is not finite: skipped like a
+    /// fully masked one; `max_skipped_steps` in a row end the run with an
+    /// error (the weights stay those of the last good step, and the last
+    /// checkpoint stays as it is).
+    fn non_finite(&mut self, step: usize, loss: f64, grad_norm: f64) -> Result<()> {
+        self.skipped += 1;
+        self.non_finite += 1;
+        let what = format!("loss {loss} | grad_norm {grad_norm}");
+        self.bar.suspend(|| {
+            tracing::warn!(
+                "step {}: {what}: not finite; step skipped ({} in a row)",
+                step + 1,
+                self.non_finite
+            )
+        });
+        self.bar.inc(1);
+        if self.non_finite < self.max_non_finite {
+            return Ok(());
+        }
+        Err(Error::Msg(format!(
+            "step {}: {} consecutive steps with a non-finite loss or gradient (last: {what}); \
+             stopping without writing outputs (lower train.lr, check the data, or raise \
+             train.max_skipped_steps)",
+            step + 1,
+            self.non_finite
+        )))
+    }
+
+    /// Stop asked for by a signal before step `step`: checkpoint the steps
+    /// done and return the error that says how to continue.
+    fn stop(&self, s: &Setup, opt: &AdamW, step: usize) -> Error {
+        self.bar.finish_and_clear();
+        if let Err(e) = self.checkpoint(s, opt, step) {
+            return e;
+        }
+        let how = format!("xtf-train --config {} --resume", self.config.display());
+        tracing::warn!("stopped by a signal after step {step}; continue with: {how}");
+        Error::Msg(format!(
+            "stopped by a signal after step {step} of {} (checkpoint in {}); continue with: {how}",
+            self.steps,
+            self.out.display()
+        ))
     }
 
     /// A step whose every label token is masked: no update, counted.
@@ -339,6 +436,7 @@ impl RunLog {
     /// log line and progress bar of one optimizer step.
     fn record(&mut self, m: StepMetrics, tokens: usize, last: bool) -> Result<()> {
         self.tokens += tokens;
+        self.non_finite = 0;
         if self.first_loss.is_nan() {
             self.first_loss = m.loss;
         }
@@ -368,11 +466,13 @@ impl RunLog {
 
     /// A resumable checkpoint after `step` optimizer steps.
     fn checkpoint(&self, s: &Setup, opt: &AdamW, step: usize) -> Result<()> {
+        check_finite(&s.vars)?;
         let state = checkpoint::LoopState {
             step,
             skipped: self.skipped,
             rng_word_pos: self.rng.get_word_pos().to_string(),
             metrics: self.metrics.lines.clone(),
+            config: Some(self.settings.clone()),
         };
         checkpoint::save(&self.out, &s.vars, opt, &state)
     }
@@ -438,8 +538,9 @@ fn micro_batch(
 }
 
 /// LoRA: PEFT adapter (+ merged weights if asked). Full: an HF checkpoint.
-pub fn save_outputs(cfg: &Config, s: &mut Setup) -> Result<()> {
-    let out = &cfg.output.dir;
+/// Into `out`; never from non-finite weights.
+pub fn save_outputs(cfg: &Config, s: &mut Setup, out: &Path) -> Result<()> {
+    check_finite(&s.vars)?;
     match cfg.train.method {
         Method::Lora => {
             lora::save_adapter(&s.vars, &cfg.lora, &cfg.model.path, out)?;

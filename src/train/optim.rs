@@ -153,6 +153,29 @@ impl AdamW {
     /// One update. `grads[i]` belongs to the i-th var (None = no gradient, skipped).
     /// Clips to `max_norm` (0 = off) first; returns the pre-clip global norm.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, max_norm: f64) -> Result<f64> {
+        let norm = self.norm(grads)?;
+        self.apply(grads, lr, max_norm, norm)?;
+        Ok(norm)
+    }
+
+    /// The global gradient norm [`Self::apply`] clips by (one pass per
+    /// gradient when fused).
+    pub fn norm(&self, grads: &[Option<Tensor>]) -> Result<f64> {
+        match self.fused {
+            true => Self::grad_norm_fused(grads),
+            false => Self::grad_norm(grads),
+        }
+    }
+
+    /// The update of [`Self::step`] with the pre-clip global `norm` given
+    /// (the training loop checks it is finite first).
+    pub fn apply(
+        &mut self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        max_norm: f64,
+        norm: f64,
+    ) -> Result<()> {
         if grads.len() != self.slots.len() {
             return Err(Error::Msg(format!(
                 "optimizer has {} params, got {} grads",
@@ -160,11 +183,6 @@ impl AdamW {
                 grads.len()
             )));
         }
-        let norm = if self.fused {
-            Self::grad_norm_fused(grads)?
-        } else {
-            Self::grad_norm(grads)?
-        };
         let clip = if max_norm > 0.0 && norm > max_norm {
             max_norm / (norm + 1e-6)
         } else {
@@ -215,7 +233,7 @@ impl AdamW {
                 slot.master = Some(p);
             }
         }
-        Ok(norm)
+        Ok(())
     }
 
     /// Save moments, master weights and the step count (safetensors), for resume.

@@ -10,6 +10,7 @@ pub mod summary;
 
 use crate::config::{Config, XtfSection};
 use crate::error::{Error, Result};
+use crate::outdir::OutPaths;
 use crate::setup::Setup;
 use crate::xtf::html::{LossPoint, ReportInput};
 use crate::xtf::mask::XtfMask;
@@ -27,14 +28,22 @@ pub struct XtfRun {
     pub reused: bool,
 }
 
-/// Score (or reuse cached scores), build the mask, write the outputs.
-pub fn prepare(cfg: &Config, s: &Setup, rescore: bool, quiet: bool) -> Result<XtfRun> {
+/// Score (or reuse cached scores), build the mask, write the outputs
+/// (into `out.stage`; the cache into `out.dir`, which outlives the run).
+pub fn prepare(
+    cfg: &Config,
+    s: &Setup,
+    out: &OutPaths,
+    rescore: bool,
+    quiet: bool,
+) -> Result<XtfRun> {
     let x: &XtfSection = &cfg.xtf_settings();
-    let out = &cfg.output.dir;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    for d in [&out.dir, &out.stage] {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
     let opts = ScoreOptions::from_config(x, s.model.cfg.num_layers, &s.tok, &cfg.source)?;
     let key = cache::key(cfg, &s.model_dir, &s.train, &opts)?;
-    let path = out.join(cache::CACHE_FILE);
+    let path = out.dir.join(cache::CACHE_FILE);
     let cached = if rescore {
         None
     } else {
@@ -61,9 +70,9 @@ pub fn prepare(cfg: &Config, s: &Setup, rescore: bool, quiet: bool) -> Result<Xt
         summary,
         reused,
     };
-    write_scores_jsonl(&out.join("scores.jsonl"), s, &run)?;
-    crate::io::write_json(&out.join("xtf_summary.json"), &run.summary)?;
-    write_report(cfg, s, &run, &[])?;
+    write_scores_jsonl(&out.stage.join("scores.jsonl"), s, &run)?;
+    crate::io::write_json(&out.stage.join("xtf_summary.json"), &run.summary)?;
+    write_report(cfg, s, &run, &[], &out.stage)?;
     Ok(run)
 }
 
@@ -88,8 +97,14 @@ fn write_scores_jsonl(path: &Path, s: &Setup, r: &XtfRun) -> Result<()> {
     crate::io::write_atomic(path, text.as_bytes())
 }
 
-/// (Re)write `report.html`, with the loss curve once metrics exist.
-pub fn write_report(cfg: &Config, s: &Setup, r: &XtfRun, metrics: &[LossPoint]) -> Result<()> {
+/// (Re)write `dir/report.html`, with the loss curve once metrics exist.
+pub fn write_report(
+    cfg: &Config,
+    s: &Setup,
+    r: &XtfRun,
+    metrics: &[LossPoint],
+    dir: &Path,
+) -> Result<()> {
     let title = format!("XTF report — {}", cfg.data.train);
     let page = html::render(&ReportInput {
         summary: &r.summary,
@@ -100,5 +115,5 @@ pub fn write_report(cfg: &Config, s: &Setup, r: &XtfRun, metrics: &[LossPoint]) 
         metrics,
         title: &title,
     });
-    crate::io::write_atomic(&cfg.output.dir.join("report.html"), page.as_bytes())
+    crate::io::write_atomic(&dir.join("report.html"), page.as_bytes())
 }

@@ -314,6 +314,13 @@ pub fn score_dataset(
     let bar = crate::io::progress_units(examples.len() as u64, "examples", quiet);
     let (start, mut tokens) = (Instant::now(), 0usize);
     for chunk in order.chunks(opts.batch_size.max(1)) {
+        if crate::stop::requested() {
+            bar.finish_and_clear();
+            return Err(crate::Error::Msg(
+                "stopped by a signal during the scoring pass (nothing was cached; it starts over)"
+                    .into(),
+            ));
+        }
         let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
         for (&i, (kn, ri)) in chunk.iter().zip(score_batch(model, &batch, opts)?) {
             let e = &examples[i];
