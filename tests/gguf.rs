@@ -787,3 +787,36 @@ fn smollm2_chats_match_transformers_chat_ids() {
         assert_eq!(e.ids[0], im_start, "chat {i}");
     }
 }
+
+/// Issue 25: a conversion killed half-way leaves `.converting-*` in the
+/// cache; the next conversion (under the cache's lock) removes it.
+#[test]
+fn conversion_removes_what_killed_conversions_left() {
+    // It sets XTF_CACHE: alone in its own process.
+    if !crate::common::own_process("gguf::conversion_removes_what_killed_conversions_left") {
+        return;
+    }
+    let dir = scratch("leftover");
+    let cache = dir.join("cache");
+    let stale = cache.join("gguf/.converting-abc123");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), vec![0u8; 1024]).unwrap();
+    let file = dir.join("tiny.gguf");
+    Tiny::new().write(&file, "llama", &[]);
+    std::env::set_var("XTF_CACHE", &cache);
+    let out =
+        xtf_train::model::resolve_model_dir(file.to_str().unwrap(), None, DType::F32).unwrap();
+    assert!(out.join("model.safetensors").is_file());
+    assert!(
+        !stale.exists(),
+        "the killed conversion's directory is still there"
+    );
+    let left: Vec<String> = std::fs::read_dir(cache.join("gguf"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
