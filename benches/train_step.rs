@@ -228,6 +228,8 @@ fn main() -> xtf_train::Result<()> {
             grad_accum: 1,
             checkpointing,
             fused: dev.is_cpu(),
+            ranks: 1,
+            zero: 0,
         },
     );
     let line = serde_json::json!({

@@ -16,6 +16,7 @@ pub mod assets;
 pub mod baselines;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod io;

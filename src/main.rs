@@ -129,8 +129,17 @@ enum Cmd {
 fn main() -> ExitCode {
     xtf_train::io::keep_freed_pages();
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Join the MPI job first (one rank without a launcher): the log level
+    // and every output depend on the rank.
+    let guard = xtf_train::dist::init();
+    let w = xtf_train::dist::world();
+    // Rank 0 logs progress; the others only warnings and errors.
+    let level = if w.is_main() { "info" } else { "warn" };
+    let filter = match w.is_main() {
+        true => tracing_subscriber::EnvFilter::try_from_default_env().ok(),
+        false => None,
+    }
+    .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -138,11 +147,23 @@ fn main() -> ExitCode {
         // Colours on a terminal only: a redirected log stays plain text.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let _span = (w.size() > 1).then(|| tracing::warn_span!("rank", r = w.rank()).entered());
+    let result = guard
+        .map_err(anyhow::Error::from)
+        .and_then(|g| run(cli).map(|()| g));
+    match result {
+        Ok(_guard) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::debug!("{e:?}");
-            eprintln!("error: {}", one_line(&e));
+            match w.size() {
+                1 => eprintln!("error: {}", one_line(&e)),
+                _ => eprintln!("error: rank {}: {}", w.rank(), one_line(&e)),
+            }
+            // A failed rank ends the whole job: no rank is left waiting in
+            // a collective.
+            if w.size() > 1 {
+                w.abort(1);
+            }
             ExitCode::FAILURE
         }
     }

@@ -59,11 +59,41 @@ pub fn loss_mask(
 
 /// `xtf-train score`: only the XTF scoring pass and its outputs.
 pub fn score(cfg: &Config, sw: Switches) -> Result<XtfRun> {
-    let dir = RunDir::open(&cfg.output.dir)?;
+    let dir = Outputs::open(cfg)?;
     let s = setup(cfg)?;
     let r = xtf::prepare(cfg, &s, dir.paths(), sw.rescore, sw.quiet)?;
     dir.publish()?;
     Ok(r)
+}
+
+/// The output directory as each rank sees it: rank 0 locks it, stages and
+/// publishes; the other ranks write nothing there.
+enum Outputs {
+    Main(RunDir),
+    Other(OutPaths),
+}
+
+impl Outputs {
+    fn open(cfg: &Config) -> Result<Self> {
+        Ok(match crate::dist::world().is_main() {
+            true => Outputs::Main(RunDir::open(&cfg.output.dir)?),
+            false => Outputs::Other(OutPaths::direct(&cfg.output.dir)),
+        })
+    }
+
+    fn paths(&self) -> &OutPaths {
+        match self {
+            Outputs::Main(d) => d.paths(),
+            Outputs::Other(p) => p,
+        }
+    }
+
+    fn publish(self) -> Result<()> {
+        match self {
+            Outputs::Main(d) => d.publish(),
+            Outputs::Other(_) => Ok(()),
+        }
+    }
 }
 
 /// The whole pipeline: setup, mask, training, the report's loss curve and,
@@ -71,7 +101,7 @@ pub fn score(cfg: &Config, sw: Switches) -> Result<XtfRun> {
 /// One run per `output.dir` (locked first); its outputs are published
 /// together when everything succeeded.
 pub fn run(cfg: &Config, sw: Switches) -> Result<train::TrainReport> {
-    let dir = RunDir::open(&cfg.output.dir)?;
+    let dir = Outputs::open(cfg)?;
     let out = dir.paths().clone();
     let eval_after = cfg.eval.as_ref().is_some_and(|e| e.after_train);
     if eval_after {
@@ -89,7 +119,7 @@ pub fn run(cfg: &Config, sw: Switches) -> Result<train::TrainReport> {
         out: out.clone(),
     };
     let report = train::train(cfg, &mut setup, &mask, opts)?;
-    if let Some(r) = &xtf_run {
+    if let (Some(r), true) = (&xtf_run, crate::dist::world().is_main()) {
         xtf::write_report(cfg, &setup, r, &loss_points(&report.metrics), &out.stage)?;
     }
     if eval_after {
@@ -123,7 +153,7 @@ pub enum EvalTarget {
 /// `xtf-train eval`: the tasks are checked before the model is loaded;
 /// `eval.json` and `eval_samples.jsonl` are published together.
 pub fn evaluate(cfg: &Config, target: EvalTarget, quiet: bool) -> Result<eval::EvalReport> {
-    let out = RunDir::open(&cfg.output.dir)?;
+    let out = Outputs::open(cfg)?;
     let report = evaluate_into(cfg, target, quiet, &out.paths().stage)?;
     out.publish()?;
     Ok(report)

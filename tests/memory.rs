@@ -27,6 +27,8 @@ fn params(method: Method, dtype: DType, checkpointing: bool) -> PlanParams {
         grad_accum: 1,
         checkpointing,
         fused: true,
+        ranks: 1,
+        zero: 0,
     }
 }
 

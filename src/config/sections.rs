@@ -173,6 +173,11 @@ pub struct TrainSection {
     /// gradient norm is not finite (each is skipped: no update).
     #[serde(default = "default_max_skipped")]
     pub max_skipped_steps: usize,
+    /// ZeRO stage with several ranks: 0 = plain data parallel (every rank
+    /// keeps all optimizer state), 2 = each rank keeps AdamW state, master
+    /// weights and summed gradients only for the parameters it owns.
+    #[serde(default)]
+    pub zero: u8,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

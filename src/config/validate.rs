@@ -106,6 +106,11 @@ fn train(t: &TrainSection, c: &mut Checks) {
         "train.max_skipped_steps",
         "must be >= 1",
     );
+    c.check(
+        matches!(t.zero, 0 | 2),
+        "train.zero",
+        format!("must be 0 (plain data parallel) or 2 (ZeRO-2), got {}", t.zero),
+    );
     c.non_negative(t.weight_decay, "train.weight_decay", false, "must be >= 0");
     c.non_negative(
         t.max_grad_norm,

@@ -35,7 +35,7 @@ impl Default for GenOptions {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Finish {
     Eos,
@@ -43,7 +43,7 @@ pub enum Finish {
     Length,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Generation {
     /// New tokens (EOS excluded).
     pub tokens: Vec<u32>,

@@ -151,8 +151,14 @@ fn generate_samples(
         .collect();
     let base = task_seed(task.seed);
     let (start, mut tokens) = (Instant::now(), 0usize);
-    let mut flat: Vec<Generation> = Vec::with_capacity(rows.len());
+    let w = crate::dist::world();
+    // Several ranks: rank r generates every ranks-th batch (the same
+    // batches as one rank, so the same samples), then all are gathered.
+    let mut mine: Vec<(usize, Vec<Generation>)> = Vec::new();
     for (b, chunk) in rows.chunks(batch).enumerate() {
+        if b % w.size() != w.rank() {
+            continue;
+        }
         let opts = GenOptions {
             max_new_tokens: task.max_new_tokens,
             temperature: task.temperature,
@@ -164,11 +170,13 @@ fn generate_samples(
         let ids: Vec<Vec<u32>> = chunk.iter().map(|p| (*p).clone()).collect();
         let out = gen::generate(model, tok, &ids, &opts)?;
         tokens += out.iter().map(|g| g.tokens.len()).sum::<usize>();
-        flat.extend(out);
+        mine.push((b, out));
         bar.inc((chunk.len() * n / per) as u64);
         let secs = start.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!("{:.0} tok/s", tokens as f64 / secs));
     }
+    let flat = gather_generations(mine)?;
+    let tokens = w.sum_f64(&[tokens as f64])[0] as usize;
     let mut it = flat.into_iter();
     let per_problem = prompts
         .iter()
@@ -178,6 +186,23 @@ fn generate_samples(
         })
         .collect();
     Ok((per_problem, tokens))
+}
+
+/// Every rank's (batch index, generations) onto every rank, in batch order.
+fn gather_generations(mine: Vec<(usize, Vec<Generation>)>) -> Result<Vec<Generation>> {
+    let w = crate::dist::world();
+    if w.size() == 1 {
+        return Ok(mine.into_iter().flat_map(|(_, g)| g).collect());
+    }
+    let bytes = serde_json::to_vec(&mine).map_err(|e| Error::Msg(e.to_string()))?;
+    let mut all: Vec<(usize, Vec<Generation>)> = Vec::new();
+    for part in w.all_gather_bytes(&bytes) {
+        let got: Vec<(usize, Vec<Generation>)> = serde_json::from_slice(&part)
+            .map_err(|e| Error::Msg(format!("evaluation: a rank sent bad generations: {e}")))?;
+        all.extend(got);
+    }
+    all.sort_by_key(|(b, _)| *b);
+    Ok(all.into_iter().flat_map(|(_, g)| g).collect())
 }
 
 // -------------------------------------------------------------------- run
@@ -315,7 +340,7 @@ fn sample_task(
     }
     let batch = cfg.eval.as_ref().map_or(1, |e| e.batch_size);
     let total = (p.items.len() * p.task.n_samples) as u64;
-    let bar = crate::io::progress_units(total, "samples", quiet);
+    let bar = crate::io::progress_units(total, "samples", quiet || !crate::dist::world().is_main());
     let (gens, tokens) = generate_samples(model, tok, &ids, p.task, batch, &bar)?;
     bar.finish_and_clear();
     Ok(Sampled {
@@ -356,6 +381,9 @@ pub fn run(cfg: &Config, source: Source, opts: &EvalOptions) -> Result<EvalRepor
             p.task.path
         );
         let sampled = sample_task(cfg, p, &source, comp.as_ref(), opts.quiet)?;
+        if !crate::dist::world().is_main() {
+            continue; // rank 0 scores and writes
+        }
         let gen_s = t0.elapsed().as_secs_f64();
         let Scored {
             records: recs,
@@ -398,7 +426,9 @@ pub fn run(cfg: &Config, source: Source, opts: &EvalOptions) -> Result<EvalRepor
         tasks: results,
     };
     log_table(&report);
-    write_outputs(&opts.out, &report, &records)?;
+    if crate::dist::world().is_main() {
+        write_outputs(&opts.out, &report, &records)?;
+    }
     Ok(report)
 }
 

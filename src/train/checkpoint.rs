@@ -24,11 +24,27 @@ pub struct LoopState {
     pub skipped: usize,
     /// ChaCha word position of the dropout RNG (as a string: it is a u128).
     pub rng_word_pos: String,
+    /// Each rank's, when the run had several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rng_word_pos_ranks: Vec<String>,
     pub metrics: Vec<StepMetrics>,
     /// The run's shaping settings ([`fingerprint`]); absent in checkpoints
     /// written before they were recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<BTreeMap<String, String>>,
+}
+
+impl LoopState {
+    /// Rank `rank`'s dropout stream position when resuming on `ranks`
+    /// ranks: known when the checkpoint was written by as many ranks (or one
+    /// rank resumes a one-rank run), `None` otherwise.
+    pub fn rng_word_pos_of(&self, rank: usize, ranks: usize) -> Option<&str> {
+        match self.rng_word_pos_ranks.len() {
+            0 | 1 if ranks == 1 => Some(&self.rng_word_pos),
+            n if n == ranks => self.rng_word_pos_ranks.get(rank).map(String::as_str),
+            _ => None,
+        }
+    }
 }
 
 fn dir_for(out: &Path, step: usize) -> PathBuf {
@@ -60,21 +76,34 @@ pub fn latest(out: &Path) -> Option<PathBuf> {
 /// Write checkpoint `state.step` (into a partial directory renamed when
 /// complete), then remove older ones. Non-finite weights are refused: a
 /// checkpoint is what a later run resumes from.
+///
+/// Every rank calls it (under ZeRO-2 the optimizer state comes from each
+/// parameter's owner); rank 0 writes. The result does not depend on the
+/// number of ranks: tensors and state are keyed by parameter name.
 pub fn save(out: &Path, vars: &[(String, Var)], opt: &AdamW, state: &LoopState) -> Result<()> {
+    let main = crate::dist::world().is_main();
     let dir = dir_for(out, state.step);
     let partial = out.join(format!(".checkpoint-{}.partial", state.step));
-    let _ = std::fs::remove_dir_all(&partial);
+    if main {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
     let tensors: HashMap<String, candle_core::Tensor> = vars
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
         .collect();
     let written = (|| {
-        crate::io::save_safetensors(&partial.join("trainable.safetensors"), &tensors)?;
         opt.save(&partial.join("optimizer.safetensors"))?;
+        if !main {
+            return Ok(());
+        }
+        crate::io::save_safetensors(&partial.join("trainable.safetensors"), &tensors)?;
         crate::io::write_json(&partial.join("state.json"), state)?;
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&partial, &dir).map_err(|e| Error::io(&dir, e))
     })();
+    if !main {
+        return written;
+    }
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&partial);
         // Name the checkpoint the user will look for, not its staging name.
@@ -104,7 +133,8 @@ pub fn fingerprint(
     eval: &[Example],
     mask: &LossMask,
 ) -> BTreeMap<String, String> {
-    const IGNORED: [&str; 9] = [
+    const IGNORED: [&str; 10] = [
+        "train.zero",
         "train.log_steps",
         "train.eval_steps",
         "train.save_steps",
@@ -131,6 +161,13 @@ pub fn fingerprint(
         flatten(name, value.as_ref(), &mut out);
     }
     out.retain(|k, _| !IGNORED.contains(&k.as_str()));
+    // What a step sees is the global micro-batch, whatever the split.
+    let ranks = crate::dist::world().size();
+    out.remove("train.micro_batch_size");
+    out.insert(
+        "train.micro_batch_size × ranks".into(),
+        (cfg.train.micro_batch_size * ranks).to_string(),
+    );
     out.insert("data.train (tokenised)".into(), digest_examples(train));
     out.insert("data.eval (tokenised)".into(), digest_examples(eval));
     out.insert("loss mask".into(), digest_mask(mask));

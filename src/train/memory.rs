@@ -64,8 +64,12 @@ pub struct PlanParams {
     pub seq_len: usize,
     pub grad_accum: usize,
     pub checkpointing: bool,
-    /// The fused kernels of `model::fused` (CPU); false elsewhere.
+    /// The fused kernels of `model::kernels` (CPU); false elsewhere.
     pub fused: bool,
+    /// Ranks of a data-parallel run (1 alone); the plan is per rank.
+    pub ranks: usize,
+    /// ZeRO stage (`train.zero`): 2 splits optimizer state and gradients.
+    pub zero: u8,
 }
 
 impl PlanParams {
@@ -84,6 +88,8 @@ impl PlanParams {
             checkpointing: cfg.train.gradient_checkpointing,
             fused: crate::config::DeviceSpec::parse(&cfg.model.device)
                 .is_none_or(|d| d == crate::config::DeviceSpec::Cpu),
+            ranks: crate::dist::world().size(),
+            zero: cfg.train.zero,
         }
     }
 }
@@ -116,13 +122,31 @@ impl MemoryPlan {
         let (n_weights, trainable) = param_counts(m, p);
         // LoRA parameters are f32; full fine-tuning trains the weights as stored.
         let grad_bytes = if p.method == Method::Lora { 4 } else { e };
-        let grads = trainable * grad_bytes * if p.grad_accum > 1 { 2 } else { 1 };
         let master = if p.method == Method::Full && e < 4 {
             4
         } else {
             0
         };
-        let optimizer = trainable * (8 + master);
+        let (grads, optimizer) = match (p.zero, p.ranks.max(1) as u64) {
+            // ZeRO-2: a rank keeps the state and summed gradients of its
+            // share; a micro-batch's gradients exist whole until reduced
+            // (one layer's at a time with gradient checkpointing).
+            (2, ranks) if ranks > 1 => {
+                let share = trainable.div_ceil(ranks);
+                let transient = match p.checkpointing {
+                    true => trainable.div_ceil(m.num_layers.max(1) as u64),
+                    false => trainable,
+                };
+                (
+                    (share + transient) * grad_bytes,
+                    share * (8 + master),
+                )
+            }
+            _ => (
+                trainable * grad_bytes * if p.grad_accum > 1 { 2 } else { 1 },
+                trainable * (8 + master),
+            ),
+        };
 
         let c = 4u64;
         let (h, v) = (m.hidden_size as u64, m.vocab_size as u64);
@@ -149,8 +173,13 @@ impl MemoryPlan {
 
     /// One log line per part, in MiB.
     pub fn log(&self, p: &PlanParams) {
+        let ranks = match (p.ranks, p.zero) {
+            (1, _) => String::new(),
+            (n, 2) => format!(", per rank of {n}, ZeRO-2"),
+            (n, _) => format!(", per rank of {n}"),
+        };
         tracing::info!(
-            "memory plan ({} × {} tokens, {:?}{}): weights {} | {} trainable params: grads {} + AdamW {} | activations {} ({} per layer) | total {}",
+            "memory plan ({} × {} tokens, {:?}{}{ranks}): weights {} | {} trainable params: grads {} + AdamW {} | activations {} ({} per layer) | total {}",
             p.micro_batch,
             p.seq_len,
             p.dtype,

@@ -10,6 +10,7 @@ pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod recompute;
+pub mod zero;
 
 pub use mask::LossMask;
 
@@ -46,7 +47,22 @@ pub fn loss_step(
     norm: f64,
     fwd: &mut Fwd,
 ) -> Result<(f64, GradStore)> {
-    let (loss, grads) = backward(model, batch, fwd, |logits| {
+    loss_step_hooked(model, batch, norm, fwd, None)
+}
+
+/// Called with each decoder layer's index and the gradients gathered so
+/// far as soon as that layer's backward is done (gradient checkpointing
+/// only; layers in reverse order): ZeRO-2 reduces and drops them there.
+pub type LayerHook<'h> = &'h mut dyn FnMut(usize, &mut GradStore) -> Result<()>;
+
+fn loss_step_hooked(
+    model: &Model,
+    batch: &Batch,
+    norm: f64,
+    fwd: &mut Fwd,
+    hook: Option<LayerHook>,
+) -> Result<(f64, GradStore)> {
+    let (loss, grads) = backward(model, batch, fwd, hook, |logits| {
         Ok((masked_ce_sum(logits, batch)? / norm)?)
     })?;
     Ok((crate::io::scalar_f64(&loss)?, grads))
@@ -64,7 +80,19 @@ pub fn slm_loss_step(
     norm: f64,
     fwd: &mut Fwd,
 ) -> Result<(f64, GradStore)> {
-    let (loss, grads) = backward(model, batch, fwd, |logits| {
+    slm_loss_step_hooked(model, batch, ref_loss, n_keep, norm, fwd, None)
+}
+
+fn slm_loss_step_hooked(
+    model: &Model,
+    batch: &Batch,
+    ref_loss: &Tensor,
+    n_keep: usize,
+    norm: f64,
+    fwd: &mut Fwd,
+    hook: Option<LayerHook>,
+) -> Result<(f64, GradStore)> {
+    let (loss, grads) = backward(model, batch, fwd, hook, |logits| {
         let ce = crate::model::kernels::token_ce(logits, &batch.targets)?;
         let excess = (ce.detach() - ref_loss)?.flatten_all()?.to_vec1::<f32>()?;
         let labels = batch.weights.flatten_all()?.to_vec1::<f32>()?;
@@ -82,11 +110,12 @@ fn backward(
     model: &Model,
     batch: &Batch,
     fwd: &mut Fwd,
+    hook: Option<LayerHook>,
     loss: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<(Tensor, GradStore)> {
     let packed = batch.packed.as_ref();
     if fwd.checkpoint {
-        return recompute::backward_checkpointed(model, &batch.input, packed, fwd, loss);
+        return recompute::backward_checkpointed(model, &batch.input, packed, fwd, loss, hook);
     }
     let logits = model.forward_packed(&batch.input, packed, fwd, None)?;
     let loss = loss(&logits)?;
@@ -112,14 +141,28 @@ pub fn accumulate(
 }
 
 /// Mean cross-entropy over all label tokens of `examples` (token-weighted).
+/// With several ranks each takes every `ranks`-th batch; the per-batch sums
+/// are added in batch order, as one rank adds them.
 pub fn eval_loss(model: &Model, examples: &[Example], batch_size: usize, pad: u32) -> Result<f64> {
-    let (mut sum, mut n) = (0f64, 0f64);
-    for chunk in examples.chunks(batch_size.max(1)) {
+    let w = crate::dist::world();
+    let chunks: Vec<&[Example]> = examples.chunks(batch_size.max(1)).collect();
+    // (sum, tokens) per batch; 0 for the batches of other ranks.
+    let mut parts = vec![0f64; 2 * chunks.len()];
+    for (i, chunk) in chunks.iter().enumerate() {
+        if i % w.size() != w.rank() {
+            continue;
+        }
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = data::make_batch(&refs, None, pad, &model.device)?;
         let logits = model.forward(&batch.input, &mut Fwd::default(), None)?;
-        sum += crate::io::scalar_f64(&masked_ce_sum(&logits.detach(), &batch)?)?;
-        n += batch.n_tokens;
+        parts[2 * i] = crate::io::scalar_f64(&masked_ce_sum(&logits.detach(), &batch)?)?;
+        parts[2 * i + 1] = batch.n_tokens;
+    }
+    let parts = w.sum_f64(&parts);
+    let (mut sum, mut n) = (0f64, 0f64);
+    for p in parts.chunks(2) {
+        sum += p[0];
+        n += p[1];
     }
     Ok(if n > 0.0 { sum / n } else { f64::NAN })
 }
@@ -132,15 +175,30 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan of a one-rank run.
     pub fn new(n: usize, cfg: &crate::config::TrainSection) -> Self {
-        let per_step = cfg.micro_batch_size * cfg.grad_accum;
+        Self::for_rank(n, cfg, 1, 0)
+    }
+
+    /// Rank `rank` of `ranks`: every rank draws the same shuffled order in
+    /// global micro-batches of `micro_batch_size × ranks` examples and takes
+    /// its `micro_batch_size` of each (fewer, or none, at an epoch's end),
+    /// so an optimizer step sees `micro_batch_size × grad_accum × ranks`
+    /// examples and the same ones whatever the split.
+    pub fn for_rank(n: usize, cfg: &crate::config::TrainSection, ranks: usize, rank: usize) -> Self {
+        let mbs = cfg.micro_batch_size;
+        let global = mbs * ranks;
+        let per_step = global * cfg.grad_accum;
         let steps = cfg.max_steps.unwrap_or(cfg.epochs * n.div_ceil(per_step));
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut micro = Vec::new();
         while micro.len() < steps * cfg.grad_accum {
             let mut order: Vec<usize> = (0..n).collect();
             order.shuffle(&mut rng);
-            micro.extend(order.chunks(cfg.micro_batch_size).map(<[usize]>::to_vec));
+            micro.extend(order.chunks(global).map(|c| {
+                let (a, b) = ((rank * mbs).min(c.len()), ((rank + 1) * mbs).min(c.len()));
+                c[a..b].to_vec()
+            }));
         }
         Self {
             micro,
@@ -183,29 +241,52 @@ pub struct RunOptions {
 /// in `run.out.stage`.
 pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> Result<TrainReport> {
     let t = &cfg.train;
-    let mut opt = AdamW::new(s.vars.clone(), AdamWParams::from(t))?;
-    let plan = Plan::new(s.train.len(), t);
+    let w = crate::dist::world();
+    // ZeRO-2: each rank keeps the optimizer state of the parameters it owns.
+    let owners = (t.zero == 2 && w.size() > 1).then(|| zero::Owners::balance(&s.vars, w.size()));
+    let owned = match &owners {
+        Some(o) => o.owned_by(w.rank()),
+        None => vec![true; s.vars.len()],
+    };
+    let mut opt = AdamW::with_owned(s.vars.clone(), AdamWParams::from(t), &owned)?;
+    let per_layer = owners.is_some() && t.gradient_checkpointing;
+    let layer_vars = match per_layer {
+        true => zero::layer_vars(&s.vars, s.model.cfg.num_layers),
+        false => Vec::new(),
+    };
+    let mut reduced = vec![false; s.vars.len()];
+    for &i in layer_vars.iter().flatten() {
+        reduced[i] = true;
+    }
+    let plan = Plan::for_rank(s.train.len(), t, w.size(), w.rank());
     // data.packing: rows of up to max_seq_len tokens, several examples each.
     let packing = cfg.data.packing.then_some(cfg.data.max_seq_len);
     let settings = checkpoint::fingerprint(cfg, &s.train, &s.eval, mask);
     let mut log = RunLog::open(cfg, s, &mut opt, plan.steps, &run, settings)?;
     for step in log.start..plan.steps {
-        // SIGTERM / SIGINT: checkpoint the steps done, say how to resume.
-        if crate::stop::requested() {
+        // SIGTERM / SIGINT (on any rank): checkpoint the steps done, say
+        // how to resume.
+        if w.any(crate::stop::requested()) {
             return Err(log.stop(s, &opt, step));
         }
         let started = Instant::now();
         // Every micro-batch first: the loss is normalised by the unmasked
         // label tokens of the whole optimizer step (spec: loss mask).
+        // (A rank may have no examples in a micro-batch at an epoch's end.)
         let batches = plan
             .step(step)
             .iter()
-            .map(|idx| micro_batch(s, idx, mask, packing))
+            .map(|idx| match idx.is_empty() {
+                true => Ok(None),
+                false => micro_batch(s, idx, mask, packing).map(Some),
+            })
             .collect::<Result<Vec<_>>>()?;
         let n_tok: f64 = batches
             .iter()
+            .flatten()
             .map(|(b, slm)| slm.as_ref().map_or(b.n_tokens, |x| x.1 as f64))
             .sum();
+        let n_tok = w.sum_f64(&[n_tok])[0];
         if n_tok == 0.0 {
             log.skip(step);
             continue;
@@ -214,28 +295,54 @@ pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> R
         let lr = lr_at(step, t.lr, t.warmup_steps, plan.steps, t.schedule);
         let mut acc: Vec<Option<Tensor>> = vec![None; s.vars.len()];
         let mut loss = 0.0;
-        for (b, slm) in &batches {
+        for slot in &batches {
+            // ZeRO-2 with checkpointing: each layer's gradients go to their
+            // owners as soon as its backward is done.
+            let mut reduce = |l: usize, g: &mut GradStore| match &owners {
+                Some(o) => zero::reduce_layer(l, g, &mut acc, &s.vars, o, &layer_vars),
+                None => Ok(()),
+            };
+            let hook: Option<LayerHook> = per_layer.then_some(&mut reduce);
+            let Some((b, slm)) = slot else {
+                if let Some(h) = hook {
+                    for l in (0..layer_vars.len()).rev() {
+                        h(l, &mut GradStore::default())?;
+                    }
+                }
+                continue;
+            };
             let mut fwd = Fwd {
                 rng: Some(&mut log.rng),
                 no_adapters: false,
                 checkpoint: t.gradient_checkpointing,
             };
             let (l, grads) = match slm {
-                None => loss_step(&s.model, b, n_tok, &mut fwd)?,
-                Some((r, k)) => slm_loss_step(&s.model, b, r, *k, n_tok, &mut fwd)?,
+                None => loss_step_hooked(&s.model, b, n_tok, &mut fwd, hook)?,
+                Some((r, k)) => slm_loss_step_hooked(&s.model, b, r, *k, n_tok, &mut fwd, hook)?,
             };
             accumulate(&mut acc, &s.vars, &grads)?;
             loss += l;
         }
+        // Several ranks: sum gradients and losses over them (onto each
+        // parameter's owner under ZeRO-2).
+        zero::reduce_grads(&mut acc, &s.vars, owners.as_ref(), &reduced)?;
+        let loss = w.sum_f64(&[loss])[0];
         // A non-finite loss or gradient: no update (too many in a row stop
         // the run); otherwise clip and update.
-        let grad_norm = opt.norm(&acc)?;
+        let grad_norm = match &owners {
+            Some(_) => zero::global_norm(&AdamW::norm_parts(&acc)?),
+            None => opt.norm(&acc)?,
+        };
         if !(loss.is_finite() && grad_norm.is_finite()) {
             log.non_finite(step, loss, grad_norm)?;
             continue;
         }
         opt.apply(&acc, lr, t.max_grad_norm, grad_norm)?;
-        let tokens: usize = batches.iter().flat_map(|(b, _)| &b.lengths).sum();
+        if let Some(o) = &owners {
+            zero::broadcast_params(&s.vars, o)?;
+        }
+        let tokens: usize = batches.iter().flatten().flat_map(|(b, _)| &b.lengths).sum();
+        let tokens = w.sum_f64(&[tokens as f64])[0] as usize;
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
         // Evaluate on schedule and always after the last step.
         let last = step + 1 == plan.steps;
@@ -260,7 +367,9 @@ pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> R
         }
     }
     let report = log.finish(plan.steps);
-    save_outputs(cfg, s, &run.out.stage)?;
+    if w.is_main() {
+        save_outputs(cfg, s, &run.out.stage)?;
+    }
     Ok(report)
 }
 
@@ -296,6 +405,8 @@ struct RunLog {
     /// First optimizer step this process runs (> 0 after `--resume`).
     start: usize,
     skipped: usize,
+    /// Rank 0: logs progress and writes metrics.jsonl.
+    main: bool,
     /// Consecutive non-finite steps so far, and how many stop the run.
     non_finite: usize,
     max_non_finite: usize,
@@ -321,18 +432,25 @@ impl RunLog {
         settings: BTreeMap<String, String>,
     ) -> Result<Self> {
         let RunOptions { quiet, resume, out } = run;
-        for d in [&out.dir, &out.stage] {
-            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+        let w = crate::dist::world();
+        if w.is_main() {
+            for d in [&out.dir, &out.stage] {
+                std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+            }
+            crate::io::write_atomic(
+                &out.stage.join("config.resolved.toml"),
+                cfg.to_toml().as_bytes(),
+            )?;
         }
-        crate::io::write_atomic(
-            &out.stage.join("config.resolved.toml"),
-            cfg.to_toml().as_bytes(),
-        )?;
+        // Each rank its own dropout stream (rank 0's is a one-rank run's).
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0x5eed);
+        rng.set_stream(w.rank() as u64);
         let mut log = Self {
-            rng: ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0x5eed),
+            rng,
             metrics: Metrics::new(out.stage.join("metrics.jsonl")),
-            bar: crate::io::progress(steps as u64, *quiet),
+            bar: crate::io::progress(steps as u64, *quiet || !w.is_main()),
             quiet: *quiet,
+            main: w.is_main(),
             log_steps: cfg.train.log_steps,
             steps,
             start: 0,
@@ -353,9 +471,18 @@ impl RunLog {
                 let st = checkpoint::read_state(&dir)?;
                 checkpoint::check_resumable(&dir, &st, &log.settings, steps)?;
                 let st = checkpoint::load(&dir, &s.vars, opt)?;
+                let pos = st.rng_word_pos_of(w.rank(), w.size());
+                if pos.is_none() {
+                    tracing::warn!(
+                        "{}: written by a run of {} ranks, resumed on {}: the LoRA dropout streams start afresh",
+                        dir.display(),
+                        st.rng_word_pos_ranks.len().max(1),
+                        w.size()
+                    );
+                }
+                let pos = pos.unwrap_or("0");
                 log.rng.set_word_pos(
-                    st.rng_word_pos
-                        .parse()
+                    pos.parse()
                         .map_err(|_| Error::model(&dir, "invalid rng_word_pos"))?,
                 );
                 (log.start, log.skipped) = (st.step, st.skipped);
@@ -386,13 +513,15 @@ impl RunLog {
         self.skipped += 1;
         self.non_finite += 1;
         let what = format!("loss {loss} | grad_norm {grad_norm}");
-        self.bar.suspend(|| {
-            tracing::warn!(
-                "step {}: {what}: not finite; step skipped ({} in a row)",
-                step + 1,
-                self.non_finite
-            )
-        });
+        if self.main {
+            self.bar.suspend(|| {
+                tracing::warn!(
+                    "step {}: {what}: not finite; step skipped ({} in a row)",
+                    step + 1,
+                    self.non_finite
+                )
+            });
+        }
         self.bar.inc(1);
         if self.non_finite < self.max_non_finite {
             return Ok(());
@@ -425,10 +554,12 @@ impl RunLog {
     /// A step whose every label token is masked: no update, counted.
     fn skip(&mut self, step: usize) {
         self.skipped += 1;
-        tracing::warn!(
-            "step {}: every label token is masked; step skipped",
-            step + 1
-        );
+        if self.main {
+            tracing::warn!(
+                "step {}: every label token is masked; step skipped",
+                step + 1
+            );
+        }
         self.bar.inc(1);
     }
 
@@ -456,7 +587,10 @@ impl RunLog {
                     m.grad_norm
                 );
             }
-            self.metrics.push(m)?;
+            match self.main {
+                true => self.metrics.push(m)?,
+                false => self.metrics.lines.push(m),
+            }
         }
         self.bar
             .set_message(format!("loss {loss:.4} | {tps:.0} tok/s"));
@@ -467,10 +601,17 @@ impl RunLog {
     /// A resumable checkpoint after `step` optimizer steps.
     fn checkpoint(&self, s: &Setup, opt: &AdamW, step: usize) -> Result<()> {
         check_finite(&s.vars)?;
+        let pos = self.rng.get_word_pos().to_string();
+        let ranks: Vec<String> = crate::dist::world()
+            .all_gather_bytes(pos.as_bytes())
+            .into_iter()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect();
         let state = checkpoint::LoopState {
             step,
             skipped: self.skipped,
-            rng_word_pos: self.rng.get_word_pos().to_string(),
+            rng_word_pos: pos,
+            rng_word_pos_ranks: ranks,
             metrics: self.metrics.lines.clone(),
             config: Some(self.settings.clone()),
         };

@@ -60,6 +60,10 @@ impl From<&crate::config::TrainSection> for AdamWParams {
 struct Slot {
     name: String,
     var: Var,
+    /// This rank keeps the state and updates the parameter (always, but
+    /// under ZeRO-2, where each parameter has one owner; the others hold
+    /// empty moments).
+    owned: bool,
     /// f32 master copy when the parameter itself is bf16/f16.
     master: Option<Tensor>,
     m: Tensor,
@@ -84,22 +88,34 @@ fn decays(var: &Var) -> bool {
 
 impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
+        let all = vec![true; vars.len()];
+        Self::with_owned(vars, params, &all)
+    }
+
+    /// State only for the parameters `owned` marks (ZeRO-2): the others get
+    /// empty moments, no master copy, and no update.
+    pub fn with_owned(vars: Vec<(String, Var)>, params: AdamWParams, owned: &[bool]) -> Result<Self> {
         let slots = vars
             .into_iter()
-            .map(|(name, var)| {
+            .zip(owned)
+            .map(|((name, var), &owned)| {
                 let t = var.as_tensor();
                 let sd = crate::model::compute_dtype(t.dtype());
-                let master = if t.dtype() == sd {
-                    None
-                } else {
-                    Some(t.to_dtype(sd)?)
+                let master = match t.dtype() == sd || !owned {
+                    true => None,
+                    false => Some(t.to_dtype(sd)?),
+                };
+                let zeros = match owned {
+                    true => t.zeros_like()?.to_dtype(sd)?,
+                    false => Tensor::zeros(0, sd, t.device())?,
                 };
                 Ok(Slot {
                     decay: decays(&var),
-                    m: t.zeros_like()?.to_dtype(sd)?,
-                    v: t.zeros_like()?.to_dtype(sd)?,
+                    m: zeros.clone(),
+                    v: zeros,
                     name,
                     var,
+                    owned,
                     master,
                 })
             })
@@ -112,27 +128,37 @@ impl AdamW {
         })
     }
 
-    /// [`Self::grad_norm`] with one pass per contiguous f32 CPU gradient
-    /// (summed in f64 per block, then in order: the same sum as the
-    /// composite's up to rounding).
-    fn grad_norm_fused(grads: &[Option<Tensor>]) -> Result<f64> {
-        let mut sq = 0f64;
-        for g in grads.iter().flatten() {
-            match with_f32(g, |v| {
-                Ok(v.par_chunks(1 << 14)
-                    .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                    .collect::<Vec<f64>>()
-                    .into_iter()
-                    .sum::<f64>())
-            })? {
-                Some(s) => sq += s,
-                None => {
-                    let g = g.to_dtype(crate::model::compute_dtype(g.dtype()))?;
-                    sq += crate::io::scalar_f64(&g.sqr()?.sum_all()?)?;
+    /// Each gradient's squared L2 norm (0 for none), one pass per
+    /// contiguous f32 CPU gradient (summed in f64 per block, then in order:
+    /// the same sum as the composite's up to rounding). The norm is their
+    /// sum in order ([`Self::norm`]); under ZeRO-2 each owner contributes its
+    /// own ([`crate::train::zero::global_norm`]).
+    pub fn norm_parts(grads: &[Option<Tensor>]) -> Result<Vec<f64>> {
+        grads
+            .iter()
+            .map(|g| {
+                let Some(g) = g else { return Ok(0.0) };
+                let fused = with_f32(g, |v| {
+                    Ok(v.par_chunks(1 << 14)
+                        .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                        .collect::<Vec<f64>>()
+                        .into_iter()
+                        .sum::<f64>())
+                })?;
+                match fused {
+                    Some(s) => Ok(s),
+                    None => {
+                        let g = g.to_dtype(crate::model::compute_dtype(g.dtype()))?;
+                        Ok(crate::io::scalar_f64(&g.sqr()?.sum_all()?)?)
+                    }
                 }
-            }
-        }
-        Ok(sq.sqrt())
+            })
+            .collect()
+    }
+
+    fn grad_norm_fused(grads: &[Option<Tensor>]) -> Result<f64> {
+        let parts = Self::norm_parts(grads)?;
+        Ok(parts.iter().fold(0f64, |a, &b| a + b).sqrt())
     }
 
     pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
@@ -198,7 +224,9 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for (slot, g) in self.slots.iter_mut().zip(grads) {
-            let Some(g) = g else { continue };
+            let (Some(g), true) = (g, slot.owned) else {
+                continue;
+            };
             let decay = if slot.decay { wd } else { 0.0 };
             let k = Consts {
                 b1,
@@ -236,23 +264,52 @@ impl AdamW {
         Ok(())
     }
 
-    /// Save moments, master weights and the step count (safetensors), for resume.
+    /// Save moments, master weights and the step count (safetensors), for
+    /// resume, keyed by parameter name. Under ZeRO-2 every rank takes part
+    /// (each owner sends its state) and rank 0 writes the whole state, so a
+    /// checkpoint does not depend on the number of ranks.
     pub fn save(&self, path: &Path) -> Result<()> {
+        let map = self.full_state()?;
+        match crate::dist::world().is_main() {
+            true => crate::io::save_safetensors(path, &map),
+            false => Ok(()),
+        }
+    }
+
+    /// Every parameter's state, gathered from its owner (on rank 0; other
+    /// ranks get what they own).
+    fn full_state(&self) -> Result<HashMap<String, Tensor>> {
+        let w = crate::dist::world();
         let mut map = HashMap::new();
         for s in &self.slots {
-            map.insert(format!("{}.exp_avg", s.name), s.m.clone());
-            map.insert(format!("{}.exp_avg_sq", s.name), s.v.clone());
-            if let Some(m) = &s.master {
-                map.insert(format!("{}.master", s.name), m.clone());
+            let mut put = |key: String, t: &Tensor| -> Result<()> {
+                let t = match w.size() > 1 {
+                    false => t.clone(),
+                    true => gather_from_owner(t, s.owned)?,
+                };
+                if s.owned || w.is_main() {
+                    map.insert(key, t);
+                }
+                Ok(())
+            };
+            put(format!("{}.exp_avg", s.name), &s.m)?;
+            put(format!("{}.exp_avg_sq", s.name), &s.v)?;
+            let master_dtype = crate::model::compute_dtype(s.var.dtype());
+            if s.var.dtype() != master_dtype {
+                let m = match &s.master {
+                    Some(m) => m.clone(),
+                    None => Tensor::zeros(0, master_dtype, s.var.device())?,
+                };
+                put(format!("{}.master", s.name), &m)?;
             }
         }
         let dev = self
             .slots
             .first()
-            .map(|s| s.m.device().clone())
+            .map(|s| s.var.device().clone())
             .unwrap_or(candle_core::Device::Cpu);
         map.insert("__step__".into(), Tensor::new(&[self.t as f32], &dev)?);
-        crate::io::save_safetensors(path, &map)
+        Ok(map)
     }
 
     /// Restore state written by [`AdamW::save`] for the same parameter list.
@@ -268,7 +325,7 @@ impl AdamW {
             map.remove(&k)
                 .ok_or_else(|| Error::model(path, format!("missing {k}")))
         };
-        for s in self.slots.iter_mut() {
+        for s in self.slots.iter_mut().filter(|s| s.owned) {
             s.m = get(format!("{}.exp_avg", s.name))?;
             s.v = get(format!("{}.exp_avg_sq", s.name))?;
             if s.master.is_some() {
@@ -365,4 +422,25 @@ fn fused_update(slot: &mut Slot, g: &Tensor, k: &Consts) -> Result<bool> {
     slot.v = Tensor::from_vec(vm, shape.clone(), &dev)?;
     slot.var.set(&Tensor::from_vec(pm, shape, &dev)?)?;
     Ok(true)
+}
+
+/// The owner's `t` on every rank: its shape first, then its values (a
+/// non-owner holds an empty stand-in of the right dtype).
+fn gather_from_owner(t: &Tensor, owned: bool) -> Result<Tensor> {
+    let w = crate::dist::world();
+    let dims: Vec<f64> = match owned {
+        true => t.dims().iter().map(|&d| d as f64 + 1.0).collect(),
+        false => Vec::new(),
+    };
+    // The owner's rank and rank count (ranks add 0 elsewhere).
+    let who = w.sum_f64(&[if owned { w.rank() as f64 } else { 0.0 }, dims.len() as f64]);
+    let (owner, rank_n) = (who[0] as usize, who[1] as usize);
+    let mut shape = vec![0f64; rank_n];
+    shape[..dims.len()].copy_from_slice(&dims);
+    let shape: Vec<usize> = w.sum_f64(&shape).iter().map(|&d| d as usize - 1).collect();
+    let local = match owned {
+        true => t.clone(),
+        false => Tensor::zeros(shape.as_slice(), t.dtype(), t.device())?,
+    };
+    crate::dist::tensor::broadcast(&local, owner)
 }

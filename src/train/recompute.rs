@@ -26,13 +26,16 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 /// Forward and backward of `loss(logits)` with per-layer recomputation.
-/// Returns the loss and the gradients of every trainable tensor.
+/// Returns the loss and the gradients of every trainable tensor; `hook`
+/// (if any) sees the gradients after each layer's backward and may take
+/// that layer's (ZeRO-2 reduces them to their owners there).
 pub fn backward_checkpointed(
     model: &Model,
     ids: &Tensor,
     packed: Option<&Packed>,
     fwd: &mut Fwd,
     loss: impl FnOnce(&Tensor) -> Result<Tensor>,
+    mut hook: Option<crate::train::LayerHook>,
 ) -> Result<(Tensor, GradStore)> {
     let ctx = model.context(ids, packed)?;
     let trainable = model.trainable_tensors();
@@ -76,6 +79,10 @@ pub fn backward_checkpointed(
         collect(&mut out, &mut grads, &trainable)?;
         if let Some(v) = &input {
             g = take_grad(&mut grads, v.as_tensor(), &format!("layer {l}"))?;
+        }
+        drop(grads);
+        if let Some(h) = hook.as_mut() {
+            h(l, &mut out)?;
         }
     }
     // Embedding: what candle's index_select backward does, onto the LM

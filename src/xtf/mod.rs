@@ -38,26 +38,31 @@ pub fn prepare(
     quiet: bool,
 ) -> Result<XtfRun> {
     let x: &XtfSection = &cfg.xtf_settings();
-    for d in [&out.dir, &out.stage] {
-        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    let w = crate::dist::world();
+    if w.is_main() {
+        for d in [&out.dir, &out.stage] {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+        }
     }
     let opts = ScoreOptions::from_config(x, s.model.cfg.num_layers, &s.tok, &cfg.source)?;
     let key = cache::key(cfg, &s.model_dir, &s.train, &opts)?;
     let path = out.dir.join(cache::CACHE_FILE);
-    let cached = if rescore {
-        None
-    } else {
-        cache::load(&path, &key, s.train.len())
+    // Rank 0 reads the cache and, with several ranks, hands it to the rest.
+    let cached = match rescore || !w.is_main() {
+        true => None,
+        false => cache::load(&path, &key, s.train.len()),
     };
-    let reused = cached.is_some();
-    let scores = match cached {
-        Some(sc) => {
+    let reused = w.any(cached.is_some());
+    let scores = match reused {
+        true => {
             tracing::info!("reusing cached scores from {}", path.display());
-            sc
+            score::share_scores(cached, s.train.len())?
         }
-        None => {
+        false => {
             let sc = score::score_dataset(&s.model, &s.train, &opts, quiet)?;
-            cache::save(&path, &key, &sc)?;
+            if w.is_main() {
+                cache::save(&path, &key, &sc)?;
+            }
             sc
         }
     };
@@ -70,9 +75,11 @@ pub fn prepare(
         summary,
         reused,
     };
-    write_scores_jsonl(&out.stage.join("scores.jsonl"), s, &run)?;
-    crate::io::write_json(&out.stage.join("xtf_summary.json"), &run.summary)?;
-    write_report(cfg, s, &run, &[], &out.stage)?;
+    if w.is_main() {
+        write_scores_jsonl(&out.stage.join("scores.jsonl"), s, &run)?;
+        crate::io::write_json(&out.stage.join("xtf_summary.json"), &run.summary)?;
+        write_report(cfg, s, &run, &[], &out.stage)?;
+    }
     Ok(run)
 }
 

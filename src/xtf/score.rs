@@ -306,14 +306,25 @@ pub fn score_dataset(
     opts: &ScoreOptions,
     quiet: bool,
 ) -> Result<Vec<TokenScores>> {
+    let w = crate::dist::world();
     let refs: Vec<&Example> = examples.iter().collect();
     let dist = token_distances(model, &refs, opts)?;
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].ids.len());
     let mut out = vec![TokenScores::default(); examples.len()];
-    let bar = crate::io::progress_units(examples.len() as u64, "examples", quiet);
+    // Several ranks: rank r scores every ranks-th batch of the one-rank
+    // order (the same batches, so the same scores bit for bit).
+    let batches: Vec<&[usize]> = order.chunks(opts.batch_size.max(1)).collect();
+    let mine: Vec<&[usize]> = batches
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % w.size() == w.rank())
+        .map(|(_, b)| *b)
+        .collect();
+    let n_mine: usize = mine.iter().map(|b| b.len()).sum();
+    let bar = crate::io::progress_units(n_mine as u64, "examples", quiet || !w.is_main());
     let (start, mut tokens) = (Instant::now(), 0usize);
-    for chunk in order.chunks(opts.batch_size.max(1)) {
+    for chunk in mine {
         if crate::stop::requested() {
             bar.finish_and_clear();
             return Err(crate::Error::Msg(
@@ -323,10 +334,8 @@ pub fn score_dataset(
         }
         let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
         for (&i, (kn, ri)) in chunk.iter().zip(score_batch(model, &batch, opts)?) {
-            let e = &examples[i];
-            let d = e.ids[e.label_start..].iter().map(|id| dist[id]).collect();
-            out[i] = TokenScores { kn, ri, dist: d };
-            tokens += e.ids.len();
+            out[i] = TokenScores { kn, ri, dist: Vec::new() };
+            tokens += examples[i].ids.len();
         }
         bar.inc(chunk.len() as u64);
         bar.set_message(format!(
@@ -335,11 +344,112 @@ pub fn score_dataset(
         ));
     }
     bar.finish_and_clear();
+    gather_scores(&mut out)?;
+    let tokens = w.sum_f64(&[tokens as f64])[0];
+    for (s, e) in out.iter_mut().zip(examples) {
+        s.dist = e.ids[e.label_start..].iter().map(|id| dist[id]).collect();
+    }
     tracing::info!(
-        "scoring pass: {} examples, {tokens} tokens in {:.1}s ({:.0} tok/s)",
+        "scoring pass: {} examples, {tokens} tokens in {:.1}s ({:.0} tok/s{})",
         examples.len(),
         start.elapsed().as_secs_f64(),
-        tokens as f64 / start.elapsed().as_secs_f64()
+        tokens / start.elapsed().as_secs_f64(),
+        match w.size() {
+            1 => String::new(),
+            n => format!(" over {n} ranks"),
+        }
     );
     Ok(out)
+}
+
+/// Every rank's KN and RI scores onto every rank, in dataset order: each
+/// rank sends the examples it scored (those with scores) as
+/// `index, n, kn[n], ri[n]` records of little-endian words.
+fn gather_scores(out: &mut [TokenScores]) -> Result<()> {
+    let w = crate::dist::world();
+    if w.size() == 1 {
+        return Ok(());
+    }
+    let mut bytes = Vec::new();
+    for (i, s) in out.iter().enumerate().filter(|(_, s)| !s.kn.is_empty()) {
+        bytes.extend((i as u64).to_le_bytes());
+        bytes.extend((s.kn.len() as u64).to_le_bytes());
+        for x in s.kn.iter().chain(&s.ri) {
+            bytes.extend(x.to_le_bytes());
+        }
+    }
+    for part in w.all_gather_bytes(&bytes) {
+        let mut rest: &[u8] = &part;
+        let mut take = |n: usize| -> Result<Vec<u8>> {
+            if rest.len() < n {
+                return Err(crate::Error::Msg(
+                    "scoring pass: a rank sent truncated scores".into(),
+                ));
+            }
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            Ok(head.to_vec())
+        };
+        let word = |b: Vec<u8>| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize;
+        let mut left = part.len();
+        while left > 0 {
+            let (i, n) = (word(take(8)?), word(take(8)?));
+            let mut vals: Vec<f32> = take(8 * n)?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect();
+            left -= 16 + 8 * n;
+            let ri = vals.split_off(n);
+            let slot = out.get_mut(i).ok_or_else(|| {
+                crate::Error::Msg(format!("scoring pass: a rank sent example {i}"))
+            })?;
+            *slot = TokenScores {
+                kn: vals,
+                ri,
+                dist: Vec::new(),
+            };
+        }
+    }
+    Ok(())
+}
+
+/// Rank 0's `scores` (cached ones) on every rank.
+pub fn share_scores(scores: Option<Vec<TokenScores>>, n: usize) -> Result<Vec<TokenScores>> {
+    let w = crate::dist::world();
+    if w.size() == 1 {
+        return scores.ok_or_else(|| crate::Error::Msg("share_scores: no scores".into()));
+    }
+    let mut bytes = Vec::new();
+    for s in scores.iter().flatten() {
+        bytes.extend((s.kn.len() as u64).to_le_bytes());
+        for x in s.kn.iter().chain(&s.ri).chain(&s.dist) {
+            bytes.extend(x.to_le_bytes());
+        }
+    }
+    let bytes = w.broadcast_bytes(0, bytes);
+    let mut out = Vec::with_capacity(n);
+    let mut rest: &[u8] = &bytes;
+    while !rest.is_empty() {
+        let short = || crate::Error::Msg("share_scores: truncated".into());
+        let (head, tail) = rest.split_at_checked(8).ok_or_else(short)?;
+        let k = u64::from_le_bytes(head.try_into().unwrap_or_default()) as usize;
+        let (vals, tail) = tail.split_at_checked(12 * k).ok_or_else(short)?;
+        rest = tail;
+        let v: Vec<f32> = vals
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        out.push(TokenScores {
+            kn: v[..k].to_vec(),
+            ri: v[k..2 * k].to_vec(),
+            dist: v[2 * k..].to_vec(),
+        });
+    }
+    match out.len() == n {
+        true => Ok(out),
+        false => Err(crate::Error::Msg(format!(
+            "share_scores: {} examples for {n}",
+            out.len()
+        ))),
+    }
 }
