@@ -164,9 +164,19 @@ impl Config {
         self.xtf.clone().unwrap_or_default()
     }
 
+    /// The device `model.device` names. With several ranks, `cuda` means
+    /// the GPU of this rank's index within its node (`cuda:N` is taken as
+    /// written).
     pub fn device(&self) -> Result<candle_core::Device> {
         let spec = DeviceSpec::parse(&self.model.device)
             .ok_or_else(|| self.err("model.device", "invalid device"))?;
+        let w = crate::dist::world();
+        let spec = match spec {
+            DeviceSpec::Cuda(0) if self.model.device == "cuda" && w.size() > 1 => {
+                DeviceSpec::Cuda(w.local_rank())
+            }
+            other => other,
+        };
         spec.device().map_err(|e| {
             self.err(
                 "model.device",

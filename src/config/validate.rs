@@ -109,7 +109,10 @@ fn train(t: &TrainSection, c: &mut Checks) {
     c.check(
         matches!(t.zero, 0 | 2),
         "train.zero",
-        format!("must be 0 (plain data parallel) or 2 (ZeRO-2), got {}", t.zero),
+        format!(
+            "must be 0 (plain data parallel) or 2 (ZeRO-2), got {}",
+            t.zero
+        ),
     );
     c.non_negative(t.weight_decay, "train.weight_decay", false, "must be >= 0");
     c.non_negative(

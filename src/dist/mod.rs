@@ -64,12 +64,17 @@ pub struct Guard {
 
 /// Ranks announced by a launcher: (variable, size).
 fn launcher_size() -> Option<(&'static str, usize)> {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"]
-        .into_iter()
-        .find_map(|k| {
-            let n = std::env::var(k).ok()?.parse().ok()?;
-            Some((k, n))
-        })
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "MPI_LOCALNRANKS",
+    ]
+    .into_iter()
+    .find_map(|k| {
+        let n = std::env::var(k).ok()?.parse().ok()?;
+        Some((k, n))
+    })
 }
 
 /// Join the MPI job this process was launched into, if any. Without a

@@ -28,8 +28,8 @@ unsafe impl Send for Handle {}
 /// Initialise MPI (serialised threading: candle's worker threads never call
 /// MPI; the main thread does, one call at a time).
 pub fn init() -> Result<(Universe, Comm)> {
-    let (universe, provided) =
-        mpi::initialize_with_threading(mpi::Threading::Serialized).ok_or_else(|| {
+    let (universe, provided) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+        .ok_or_else(|| {
             Error::Msg("MPI was already initialised by something else in this process".into())
         })?;
     if provided < mpi::Threading::Serialized {

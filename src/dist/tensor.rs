@@ -77,8 +77,16 @@ pub fn broadcast(t: &Tensor, root: usize) -> Result<Tensor> {
 
 fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(match t.dtype() {
-        DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F64 => t
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
         DType::BF16 => t
             .to_vec1::<half::bf16>()?
             .iter()

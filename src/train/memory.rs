@@ -137,10 +137,7 @@ impl MemoryPlan {
                     true => trainable.div_ceil(m.num_layers.max(1) as u64),
                     false => trainable,
                 };
-                (
-                    (share + transient) * grad_bytes,
-                    share * (8 + master),
-                )
+                ((share + transient) * grad_bytes, share * (8 + master))
             }
             _ => (
                 trainable * grad_bytes * if p.grad_accum > 1 { 2 } else { 1 },

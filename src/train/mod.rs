@@ -185,7 +185,12 @@ impl Plan {
     /// its `micro_batch_size` of each (fewer, or none, at an epoch's end),
     /// so an optimizer step sees `micro_batch_size × grad_accum × ranks`
     /// examples and the same ones whatever the split.
-    pub fn for_rank(n: usize, cfg: &crate::config::TrainSection, ranks: usize, rank: usize) -> Self {
+    pub fn for_rank(
+        n: usize,
+        cfg: &crate::config::TrainSection,
+        ranks: usize,
+        rank: usize,
+    ) -> Self {
         let mbs = cfg.micro_batch_size;
         let global = mbs * ranks;
         let per_step = global * cfg.grad_accum;

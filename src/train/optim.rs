@@ -94,7 +94,11 @@ impl AdamW {
 
     /// State only for the parameters `owned` marks (ZeRO-2): the others get
     /// empty moments, no master copy, and no update.
-    pub fn with_owned(vars: Vec<(String, Var)>, params: AdamWParams, owned: &[bool]) -> Result<Self> {
+    pub fn with_owned(
+        vars: Vec<(String, Var)>,
+        params: AdamWParams,
+        owned: &[bool],
+    ) -> Result<Self> {
         let slots = vars
             .into_iter()
             .zip(owned)

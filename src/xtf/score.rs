@@ -334,7 +334,11 @@ pub fn score_dataset(
         }
         let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
         for (&i, (kn, ri)) in chunk.iter().zip(score_batch(model, &batch, opts)?) {
-            out[i] = TokenScores { kn, ri, dist: Vec::new() };
+            out[i] = TokenScores {
+                kn,
+                ri,
+                dist: Vec::new(),
+            };
             tokens += examples[i].ids.len();
         }
         bar.inc(chunk.len() as u64);
