@@ -97,6 +97,10 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Check every collective on awkward sizes across the ranks of an MPI
+    /// launch (`mpirun -np 3 xtf-train dist-selftest`).
+    #[command(hide = true)]
+    DistSelftest,
     /// Create the embedded tiny model, tokenizer and dataset (offline, deterministic).
     InitTiny {
         #[arg(long)]
@@ -148,11 +152,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let _span = (w.size() > 1).then(|| tracing::warn_span!("rank", r = w.rank()).entered());
-    let result = guard
-        .map_err(anyhow::Error::from)
-        .and_then(|g| run(cli).map(|()| g));
+    // The guard (MPI finalisation on drop) outlives the run: a failed rank
+    // must abort the job, not wait in MPI_Finalize for ranks that wait for it.
+    let (guard, result) = match guard {
+        Ok(g) => (Some(g), run(cli)),
+        Err(e) => (None, Err(e.into())),
+    };
     match result {
-        Ok(_guard) => ExitCode::SUCCESS,
+        Ok(()) => {
+            drop(guard);
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::debug!("{e:?}");
             match w.size() {
@@ -205,6 +215,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.cmd {
         Some(Cmd::Convert { gguf, out, dtype }) => convert(&gguf, &out, &dtype)?,
+        Some(Cmd::DistSelftest) => {
+            let line = xtf_train::dist::selftest::run()?;
+            if xtf_train::dist::world().is_main() {
+                println!("{line}");
+            }
+        }
         Some(Cmd::InitTiny { out, threads }) => {
             set_cpu_threads(Some(threads));
             assets::tiny::init(&out, &assets::tiny::TinySpec::default())?

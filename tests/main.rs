@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod controlled;
 mod data;
+mod dist;
 mod eval;
 mod filter;
 mod formats;

@@ -22,6 +22,7 @@
 mod mpi_comm;
 #[cfg(feature = "nccl")]
 mod nccl;
+pub mod selftest;
 pub mod tensor;
 
 use crate::error::{Error, Result};
@@ -257,10 +258,71 @@ impl World {
         let all = self.all_gather_bytes(&mine);
         match all.iter().find(|m| !m.is_empty()) {
             None => r,
-            Some(first) => match r {
-                Err(e) if !mine.is_empty() && *first == mine => Err(e),
-                _ => Err(Error::Msg(String::from_utf8_lossy(first).into_owned())),
-            },
+            Some(first) => Err(Error::Msg(String::from_utf8_lossy(first).into_owned())),
         }
+    }
+}
+
+/// `XTF_FAIL_RANK=R[:S]`: rank `R` fails at the start of optimizer step `S`
+/// (default 1). A fault injection for testing that one failed rank ends the
+/// whole job; unset in real runs.
+pub fn injected_failure(step: usize) -> Result<()> {
+    let Ok(spec) = std::env::var("XTF_FAIL_RANK") else {
+        return Ok(());
+    };
+    let (rank, at) = match spec.split_once(':') {
+        Some((r, s)) => (r.parse::<usize>().ok(), s.parse::<usize>().ok()),
+        None => (spec.parse::<usize>().ok(), Some(1)),
+    };
+    match (rank, at) {
+        (Some(r), Some(s)) if r == world().rank() && s == step => Err(Error::Msg(format!(
+            "injected failure at step {step} (XTF_FAIL_RANK={spec})"
+        ))),
+        (Some(_), Some(_)) => Ok(()),
+        _ => Err(Error::Msg(format!(
+            "XTF_FAIL_RANK={spec:?}: expected RANK or RANK:STEP"
+        ))),
+    }
+}
+
+/// `XTF_CHECK_RANKS=1`: after every optimizer step, every rank's trainable
+/// weights are compared with rank 0's (a digest of their bytes); a
+/// difference is an error naming the step. Costs one pass over the
+/// weights per step; for tests and debugging.
+pub fn check_same_weights(vars: &[(String, candle_core::Var)], step: usize) -> Result<()> {
+    let w = world();
+    if w.size() == 1 || std::env::var_os("XTF_CHECK_RANKS").is_none() {
+        return Ok(());
+    }
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (name, v) in vars {
+        h.update(name.as_bytes());
+        let t = v
+            .as_tensor()
+            .to_device(&candle_core::Device::Cpu)?
+            .flatten_all()?;
+        let bytes: Vec<u8> = match t.dtype() {
+            candle_core::DType::F64 => t
+                .to_vec1::<f64>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            _ => t
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        };
+        h.update(&bytes);
+    }
+    let digest = h.finalize().to_vec();
+    let all = w.all_gather_bytes(&digest);
+    match all.iter().position(|d| *d != all[0]) {
+        None => Ok(()),
+        Some(r) => Err(Error::Msg(format!(
+            "after step {step}: rank {r}'s weights differ from rank 0's"
+        ))),
     }
 }

@@ -79,6 +79,10 @@ impl Comm {
     {
         let root = dest.unwrap_or(0);
         let n = xs.len();
+        // Every rank passes the same n; MPI rejects some empty buffers.
+        if n == 0 {
+            return (dest.is_none() || dest == Some(self.rank)).then(Vec::new);
+        }
         let sum = self.with(|c| {
             let p = c.process_at_rank(root as i32);
             if self.rank != root {
@@ -106,6 +110,9 @@ impl Comm {
     }
 
     pub fn broadcast<T: Equivalence>(&self, root: usize, xs: &mut [T]) {
+        if xs.is_empty() {
+            return;
+        }
         self.with(|c| c.process_at_rank(root as i32).broadcast_into(xs))
     }
 
@@ -131,7 +138,7 @@ impl Comm {
                 .collect();
             let total: Count = counts.iter().sum();
             let mut buf = vec![0u8; total as usize];
-            {
+            if total > 0 {
                 let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
                 c.all_gather_varcount_into(bytes, &mut part);
             }

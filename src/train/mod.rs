@@ -274,6 +274,7 @@ pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> R
         if w.any(crate::stop::requested()) {
             return Err(log.stop(s, &opt, step));
         }
+        crate::dist::injected_failure(step + 1)?;
         let started = Instant::now();
         // Every micro-batch first: the loss is normalised by the unmasked
         // label tokens of the whole optimizer step (spec: loss mask).
@@ -346,6 +347,7 @@ pub fn train(cfg: &Config, s: &mut Setup, mask: &LossMask, run: RunOptions) -> R
         if let Some(o) = &owners {
             zero::broadcast_params(&s.vars, o)?;
         }
+        crate::dist::check_same_weights(&s.vars, step + 1)?;
         let tokens: usize = batches.iter().flatten().flat_map(|(b, _)| &b.lengths).sum();
         let tokens = w.sum_f64(&[tokens as f64])[0] as usize;
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
