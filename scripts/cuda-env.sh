@@ -15,7 +15,7 @@
 
 XTF_CUDA_DIR=${XTF_CUDA_DIR:-$HOME/.cache/xtf-cuda}
 _xtf_root=$XTF_CUDA_DIR/cuda-13.0
-_xtf_stamp=$_xtf_root/.xtf-complete-v1
+_xtf_stamp=$_xtf_root/.xtf-complete-v2
 
 _xtf_install() (   # subshell: strict mode does not leak into a sourcing shell
   set -euo pipefail
@@ -32,13 +32,23 @@ _xtf_install() (   # subshell: strict mode does not leak into a sourcing shell
     --platform manylinux2010_x86_64 -d "$wheels" \
     nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 \
-    nvidia-cuda-nvrtc==13.0.88 nvidia-curand==10.4.0.35 nvidia-cublas==13.1.0.3
+    nvidia-cuda-nvrtc==13.0.88 nvidia-curand==10.4.0.35 nvidia-cublas==13.1.0.3 \
+    nvidia-nccl-cu13==2.31.2
   tmp=$(mktemp -d "$XTF_CUDA_DIR/tmp.XXXXXX")
-  for f in "$wheels"/*.whl; do unzip -qo "$f" 'nvidia/cu13/*' -d "$tmp"; done
+  for f in "$wheels"/*.whl; do
+    case $f in
+      */nvidia_nccl_*) ;;
+      *) unzip -qo "$f" 'nvidia/cu13/*' -d "$tmp" ;;
+    esac
+  done
   root=$tmp/nvidia/cu13
+  # NCCL (the `nccl` feature links -lnccl): the library only, from its wheel.
+  unzip -qo "$wheels"/nvidia_nccl_cu13-*.whl 'nvidia/nccl/lib/libnccl.so.2' -d "$tmp"
+  mv "$tmp/nvidia/nccl/lib/libnccl.so.2" "$root/lib/"
   ln -sfn lib "$root/lib64"                        # cudaforge/cudarc look in lib64
   ( cd "$root/lib"
     for l in cudart cublas cublasLt nvrtc; do ln -sf "lib$l.so.13" "lib$l.so"; done
+    ln -sf libnccl.so.2 libnccl.so
     ln -sf libcurand.so.10 libcurand.so )
   # Stub libcuda (the driver API) -- candle-core enables cudarc's
   # `dynamic-linking`, so the final link needs -lcuda. Every entry point returns
