@@ -27,13 +27,13 @@ _xtf_install() (   # subshell: strict mode does not leak into a sourcing shell
   # pip skips files already in $wheels; --no-deps keeps transitive pins exact.
   python3 -m pip download --quiet --disable-pip-version-check --no-deps --no-cache-dir \
     --only-binary=:all: --python-version 3.11 \
-    --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux_2_27_x86_64 --platform manylinux_2_18_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux_2_12_x86_64 \
     --platform manylinux2010_x86_64 -d "$wheels" \
     nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 \
     nvidia-cuda-nvrtc==13.0.88 nvidia-curand==10.4.0.35 nvidia-cublas==13.1.0.3 \
-    nvidia-nccl-cu13==2.31.2
+    nvidia-nccl-cu13==2.32.6
   tmp=$(mktemp -d "$XTF_CUDA_DIR/tmp.XXXXXX")
   for f in "$wheels"/*.whl; do
     case $f in
@@ -85,6 +85,11 @@ EOF
   touch "$_xtf_stamp"
 )
 
-[ -f "$_xtf_stamp" ] || _xtf_install || return 1 2>/dev/null || exit 1
+# Called outside any `||` / condition, so errexit holds inside the installer
+# (a failed step never leaves a stamp behind).
+if [ ! -f "$_xtf_stamp" ]; then
+  _xtf_install
+fi
+[ -f "$_xtf_stamp" ] || return 1 2>/dev/null || exit 1
 # shellcheck disable=SC1091
 . "$_xtf_root/env.sh"

@@ -21,12 +21,12 @@ out=${1:-target/gpu-bundle.tar.xz}
 # shellcheck disable=SC1091
 source scripts/cuda-env.sh
 export CARGO_TARGET_DIR=target/cuda CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-2}
-cargo build --release --features cuda --bin xtf-train --bench train_step
+cargo build --release --features cuda,nccl --bin xtf-train --bench train_step
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 cp target/cuda/release/xtf-train "$stage/"
 # The executables cargo reports, by target name.
-cargo test --release --features cuda --no-run --message-format=json \
+cargo test --release --features cuda,nccl --no-run --message-format=json \
   --test integration --bench train_step |
   python3 -c '
 import json, shutil, sys

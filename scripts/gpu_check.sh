@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One-shot check of xtf-train on a CUDA machine, offline, in under 8 minutes:
-#   1. build with --features cuda (CUDA_COMPUTE_CAP from nvidia-smi if unset)
+#   1. build with --features cuda,nccl (CUDA_COMPUTE_CAP from nvidia-smi if unset)
 #   2. parity (incl. the bf16 bound), gradient / accumulation and packing
 #      tests on the GPU (XTF_TEST_DEVICE=cuda, the CPU tolerances)
 #   3. a 20-step LoRA run of the tiny default on cuda (XTF scoring pass,
-#      training, eval), then the scoring pass alone
+#      training, eval), then the scoring pass alone, then every tensor
+#      collective through a one-rank NCCL communicator (dist-selftest)
 #   4. the training benchmark on a Llama-3.2-1B-shaped model with random
 #      weights, bf16, seq 2048: tokens/s, peak GPU memory, MFU
 # and writes runs/gpu_check/summary.md.
@@ -48,7 +49,7 @@ if [[ $device == cpu ]]; then
   bench_args=(--size tiny --dtype f32 --device cpu --batch 2 --seq 64 --steps 2 --warmup 1)
   gpu_name="none (dry run on CPU)"
 else
-  features=(--features cuda)
+  features=(--features cuda,nccl)
   bench_args=(--size 1b --dtype bf16 --device "$device" --batch 1 --seq 2048 --steps 4 --warmup 2)
   gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
   if [[ -z "${CUDA_COMPUTE_CAP:-}" ]]; then
@@ -123,13 +124,13 @@ if [[ -n $prebuilt ]]; then
   bundle=$out/bundle
   unpack() {
     mkdir -p "$bundle" && tar -xJf "$prebuilt" -C "$bundle" && ls -l "$bundle"
-    if ! ldconfig -p 2>/dev/null | grep -q 'libcublas.so.13'; then
+    if ! ldconfig -p 2>/dev/null | grep -q 'libcublas.so.13' || ! ldconfig -p 2>/dev/null | grep -q 'libnccl.so.2'; then
       local d
       for d in /usr/local/cuda/lib64 $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
         [[ -d $d ]] || continue
         while read -r lib; do
           LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-        done < <(find "$d" -maxdepth 4 -name 'lib*.so.1[0-3]' \( -name 'libcublas.so.*' -o -name 'libcurand.so.*' -o -name 'libnvrtc.so.*' -o -name 'libcudart.so.*' \) 2>/dev/null)
+        done < <(find "$d" -maxdepth 4 \( -name 'lib*.so.1[0-3]' -o -name 'libnccl.so.2' \) \( -name 'libcublas.so.*' -o -name 'libcurand.so.*' -o -name 'libnvrtc.so.*' -o -name 'libcudart.so.*' -o -name 'libnccl.so.2' \) 2>/dev/null)
       done
       export LD_LIBRARY_PATH
     fi
@@ -170,6 +171,9 @@ sed -e "s/^device = \"cpu\"/device = \"$device\"/" \
   -e 's/^eval_steps = 10/eval_steps = 20/' configs/tiny.toml >"$cfg"
 stage tiny-run 150 "$bin" --config "$cfg" --quiet
 stage tiny-score 60 "$bin" score --config "$cfg" --rescore --quiet
+# NCCL on the device: every tensor collective through a one-rank
+# communicator (the multi-rank runs need several GPUs; docs/distributed.md).
+[[ $device == cpu ]] || stage nccl-selftest 60 "$bin" dist-selftest --device "$device"
 
 # 4. Training benchmark: LoRA, LoRA with gradient checkpointing, full FT.
 bench_run() {

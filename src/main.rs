@@ -100,7 +100,12 @@ enum Cmd {
     /// Check every collective on awkward sizes across the ranks of an MPI
     /// launch (`mpirun -np 3 xtf-train dist-selftest`).
     #[command(hide = true)]
-    DistSelftest,
+    DistSelftest {
+        /// `cuda`: the tensor collectives on the GPU through NCCL (feature
+        /// `nccl`), also with one rank.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Create the embedded tiny model, tokenizer and dataset (offline, deterministic).
     InitTiny {
         #[arg(long)]
@@ -154,15 +159,12 @@ fn main() -> ExitCode {
     let _span = (w.size() > 1).then(|| tracing::warn_span!("rank", r = w.rank()).entered());
     // The guard (MPI finalisation on drop) outlives the run: a failed rank
     // must abort the job, not wait in MPI_Finalize for ranks that wait for it.
-    let (guard, result) = match guard {
+    let (_guard, result) = match guard {
         Ok(g) => (Some(g), run(cli)),
         Err(e) => (None, Err(e.into())),
     };
     match result {
-        Ok(()) => {
-            drop(guard);
-            ExitCode::SUCCESS
-        }
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::debug!("{e:?}");
             match w.size() {
@@ -215,8 +217,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.cmd {
         Some(Cmd::Convert { gguf, out, dtype }) => convert(&gguf, &out, &dtype)?,
-        Some(Cmd::DistSelftest) => {
-            let line = xtf_train::dist::selftest::run()?;
+        Some(Cmd::DistSelftest { device }) => {
+            let line = xtf_train::dist::selftest::run(&device)?;
             if xtf_train::dist::world().is_main() {
                 println!("{line}");
             }

@@ -316,3 +316,60 @@ fn a_launcher_the_binary_cannot_join_is_refused() {
         );
     }
 }
+
+/// Issue 25 with several ranks: SIGTERM reaches every rank (as Slurm sends
+/// it to every task); they agree on the step to stop at, write one
+/// checkpoint, exit non-zero, and `--resume` ends where an uninterrupted run
+/// ends.
+#[test]
+fn sigterm_stops_every_rank_at_the_same_step() {
+    if !mpirun_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let train = "max_steps = 200\nmicro_batch_size = 2";
+    let whole = config(d.path(), "whole", train, "");
+    let cut = config(d.path(), "cut", train, "");
+    run_ranks(2, &whole, &[]);
+    let mut job = mpirun(2, &["--config", cut.to_str().unwrap(), "--quiet"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut log = String::new();
+    let mut sent = false;
+    for line in std::io::BufReader::new(job.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if !sent && line.contains("step     5/200") {
+            // Every rank of this job (their command lines start with the
+            // binary and name its config; mpirun's does not start so).
+            let ranks = format!(
+                "^{} --config {}",
+                env!("CARGO_BIN_EXE_xtf-train"),
+                cut.display()
+            );
+            let _ = Command::new("pkill").args(["-TERM", "-f", &ranks]).status();
+            sent = true;
+        }
+        log.push_str(&line);
+        log.push('\n');
+    }
+    let status = job.wait().unwrap();
+    assert!(sent, "never saw step 5:\n{log}");
+    assert!(!status.success());
+    let stops: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("stopped by a signal after step"))
+        .collect();
+    assert!(!stops.is_empty(), "{log}");
+    let out = d.path().join("cut");
+    let ck: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(ck.len(), 1, "{ck:?}\n{log}");
+    run_ranks(2, &cut, &["--resume"]);
+    assert_same_weights(&d.path().join("whole"), &out, "resumed after SIGTERM");
+}

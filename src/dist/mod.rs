@@ -51,6 +51,20 @@ impl std::fmt::Debug for World {
 
 static WORLD: OnceLock<World> = OnceLock::new();
 
+/// Nanoseconds spent inside collectives so far (this process).
+static COMM_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+fn add_comm_time(d: std::time::Duration) {
+    COMM_NANOS.fetch_add(d.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Time this process has spent in collectives (waiting for other ranks
+/// included): what data parallelism costs on top of the work.
+pub fn comm_time() -> std::time::Duration {
+    std::time::Duration::from_nanos(COMM_NANOS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// The run's ranks: one, unless [`init`] joined an MPI job.
 pub fn world() -> &'static World {
     WORLD.get_or_init(World::single)

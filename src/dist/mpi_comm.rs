@@ -58,7 +58,10 @@ impl Comm {
 
     fn with<R>(&self, f: impl FnOnce(&SimpleCommunicator) -> R) -> R {
         let h = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        f(&h.0)
+        let t0 = std::time::Instant::now();
+        let r = f(&h.0);
+        super::add_comm_time(t0.elapsed());
+        r
     }
 
     pub fn abort(&self, code: i32) -> ! {

@@ -123,6 +123,9 @@ impl CustomOp1 for Collective {
 }
 
 fn apply(t: &Tensor, kind: Kind) -> Result<Tensor> {
+    if t.elem_count() == 0 {
+        return Ok(t.clone()); // every rank has the same (empty) shape
+    }
     let comm = comm(t.device())?;
     Ok(t.detach()
         .contiguous()?

@@ -8,8 +8,20 @@ use super::{tensor, world};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
-/// Run every check; rank 0 gets a one-line summary.
-pub fn run() -> Result<String> {
+/// Run every check; rank 0 gets a one-line summary. `device = "cuda"`
+/// runs the tensor collectives on this rank's GPU through NCCL, even with
+/// one rank (a one-rank communicator).
+pub fn run(device: &str) -> Result<String> {
+    let dev = match device {
+        "cpu" => Device::Cpu,
+        #[cfg(feature = "nccl")]
+        "cuda" => Device::new_cuda(world().local_rank())?,
+        other => {
+            return Err(Error::Msg(format!(
+                "dist-selftest --device {other:?}: cpu, or cuda with the `nccl` feature"
+            )))
+        }
+    };
     let w = world();
     let (rank, size) = (w.rank(), w.size());
     let mut checks = 0usize;
@@ -77,7 +89,7 @@ pub fn run() -> Result<String> {
     )?;
     // Tensors: sums onto every rank and onto one, broadcasts, several dtypes
     // and an empty tensor.
-    let dev = Device::Cpu;
+    let (sum, broadcast) = collectives(&dev);
     for (dtype, shape) in [
         (DType::F32, vec![3usize, 5]),
         (DType::F64, vec![3, 5]),
@@ -95,19 +107,19 @@ pub fn run() -> Result<String> {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let got = tensor::sum(&mine, None)?.ok_or_else(|| Error::Msg("tensor sum: none".into()))?;
+        let got = sum(&mine, None)?.ok_or_else(|| Error::Msg("tensor sum: none".into()))?;
         check(
             got.dtype() == dtype
                 && got.dims() == shape.as_slice()
                 && got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? == want,
             format!("tensor::sum {dtype:?} {shape:?}"),
         )?;
-        let on0 = tensor::sum(&mine, Some(0))?;
+        let on0 = sum(&mine, Some(0))?;
         check(
             on0.is_some() == (rank == 0),
             format!("tensor::sum onto rank 0, {dtype:?}"),
         )?;
-        let from_last = tensor::broadcast(&mk((rank + 1) as f32)?, size - 1)?;
+        let from_last = broadcast(&mk((rank + 1) as f32)?, size - 1)?;
         let want = mk(size as f32)?
             .to_dtype(DType::F32)?
             .flatten_all()?
@@ -140,4 +152,18 @@ pub fn run() -> Result<String> {
     Ok(format!(
         "dist selftest: {checks} checks passed on each of {size} ranks"
     ))
+}
+
+type SumFn = fn(&Tensor, Option<usize>) -> Result<Option<Tensor>>;
+type BroadcastFn = fn(&Tensor, usize) -> Result<Tensor>;
+
+/// The tensor collectives to check: NCCL's directly on a GPU (so one rank
+/// exercises it too), else the host path of [`tensor`].
+fn collectives(dev: &Device) -> (SumFn, BroadcastFn) {
+    #[cfg(feature = "nccl")]
+    if dev.is_cuda() {
+        return (super::nccl::sum, super::nccl::broadcast);
+    }
+    let _ = dev;
+    (tensor::sum, tensor::broadcast)
 }

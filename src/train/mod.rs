@@ -423,6 +423,8 @@ struct RunLog {
     last_loss: f64,
     eval: Option<f64>,
     started: Instant,
+    /// Time in collectives before the first step (setup, scoring).
+    comm_start: std::time::Duration,
     tokens: usize,
 }
 
@@ -469,6 +471,7 @@ impl RunLog {
             last_loss: f64::NAN,
             eval: None,
             started: Instant::now(),
+            comm_start: crate::dist::comm_time(),
             tokens: 0,
             out: out.dir.clone(),
             config: cfg.source.clone(),
@@ -648,6 +651,17 @@ impl RunLog {
             report.tokens_per_s,
             report.output_dir.display()
         );
+        let w = crate::dist::world();
+        if w.size() > 1 {
+            let comm = (crate::dist::comm_time() - self.comm_start).as_secs_f64();
+            let ran = steps.saturating_sub(self.start).max(1);
+            tracing::info!(
+                "communication: {comm:.2}s of {elapsed:.2}s ({:.0}%), {:.1} ms per step, over {} ranks",
+                100.0 * comm / elapsed.max(1e-9),
+                1e3 * comm / ran as f64,
+                w.size()
+            );
+        }
         report
     }
 }

@@ -1,0 +1,101 @@
+//! The per-rank memory plan (`train::memory`) for the paper's models, as a
+//! markdown table: DeepSeek-R1-Distill-Qwen 1.5B / 7B / 14B (Qwen2 shapes
+//! from their config.json), LoRA (r 8, all seven projections) and full
+//! fine-tuning, bf16 weights on CUDA (the composite ops' activations), one
+//! sequence of 2048 tokens per rank with gradient checkpointing, plain data
+//! parallel and ZeRO-2 at 1, 2 and 8 ranks. No GPU and no weights needed:
+//! the plan is a formula over the config.
+//!
+//!     cargo bench --bench memory_plan [-- --seq 2048 --batch 1 --accum 4]
+
+use candle_core::DType;
+use xtf_train::config::Method;
+use xtf_train::model::ModelConfig;
+use xtf_train::train::memory::{MemoryPlan, PlanParams};
+
+/// (name, hidden, intermediate, layers, heads, kv heads, vocab, tied)
+type Shape = (&'static str, usize, usize, usize, usize, usize, usize, bool);
+const MODELS: [Shape; 3] = [
+    (
+        "R1-Distill-Qwen-1.5B",
+        1536,
+        8960,
+        28,
+        12,
+        2,
+        151_936,
+        false,
+    ),
+    ("R1-Distill-Qwen-7B", 3584, 18944, 28, 28, 4, 152_064, false),
+    (
+        "R1-Distill-Qwen-14B",
+        5120,
+        13824,
+        48,
+        40,
+        8,
+        152_064,
+        false,
+    ),
+];
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1u64 << 30) as f64)
+}
+
+fn main() {
+    let (seq, batch, accum) = (arg("--seq", 2048), arg("--batch", 1), arg("--accum", 4));
+    println!(
+        "| model | method | ranks | stage | weights | grads | AdamW | activations | total GiB / rank |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (name, h, i, l, nh, nkv, v, tied) in MODELS {
+        let cfg = serde_json::json!({
+            "model_type": "qwen2", "hidden_size": h, "intermediate_size": i,
+            "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nkv,
+            "vocab_size": v, "tie_word_embeddings": tied, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 131072
+        });
+        let m = ModelConfig::from_json(&cfg, std::path::Path::new(name)).expect("config");
+        for method in [Method::Lora, Method::Full] {
+            for (ranks, zero) in [(1, 0), (2, 0), (2, 2), (8, 0), (8, 2)] {
+                let p = PlanParams {
+                    dtype: DType::BF16,
+                    method,
+                    lora_r: 8,
+                    lora_targets: xtf_train::config::KNOWN_MODULES
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
+                    lora_dropout: false,
+                    micro_batch: batch,
+                    seq_len: seq,
+                    grad_accum: accum,
+                    checkpointing: true,
+                    fused: false,
+                    ranks,
+                    zero,
+                };
+                let plan = MemoryPlan::estimate(&m, &p);
+                println!(
+                    "| {name} | {method:?} | {ranks} | {} | {} | {} | {} | {} | **{}** |",
+                    if zero == 2 { "ZeRO-2" } else { "DDP" },
+                    gib(plan.weights),
+                    gib(plan.grads),
+                    gib(plan.optimizer),
+                    gib(plan.activations),
+                    gib(plan.total())
+                );
+            }
+        }
+    }
+}
