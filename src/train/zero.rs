@@ -62,28 +62,114 @@ pub fn reduce_grads(
     }
     let present: Vec<f64> = acc.iter().map(|g| g.is_some() as u8 as f64).collect();
     let present = w.sum_f64(&present);
-    for (i, (slot, (_, var))) in acc.iter_mut().zip(vars).enumerate() {
-        if present[i] == 0.0 || done[i] {
-            continue;
+    let todo: Vec<usize> = (0..acc.len())
+        .filter(|&i| present[i] > 0.0 && !done[i])
+        .collect();
+    sum_in_buckets(&todo, acc, vars, owners)
+}
+
+/// Elements per bucket: the gradients of consecutive parameters (same
+/// owner and dtype) go over as one flat buffer of at most this size — few
+/// large collectives instead of one per tensor (DDP's buckets); the sums
+/// are the same element by element.
+const BUCKET: usize = 1 << 26;
+
+/// Sum `acc[i]` for each `i` of `todo` (in order) over ranks, onto every
+/// rank or each parameter's owner, in buckets.
+fn sum_in_buckets(
+    todo: &[usize],
+    acc: &mut [Option<Tensor>],
+    vars: &[(String, Var)],
+    owners: Option<&Owners>,
+) -> Result<()> {
+    let owner = |i: usize| owners.map(|o| o.0[i]);
+    let mut at = 0;
+    while at < todo.len() {
+        let first = todo[at];
+        let dtype = vars[first].1.dtype();
+        let mut end = at;
+        let mut n = 0;
+        while end < todo.len() {
+            let i = todo[end];
+            let size = vars[i].1.elem_count();
+            let fits = end == at || n + size <= BUCKET;
+            if !fits || owner(i) != owner(first) || vars[i].1.dtype() != dtype {
+                break;
+            }
+            n += size;
+            end += 1;
         }
-        let g = match slot.take() {
-            Some(g) => g,
-            None => var.as_tensor().zeros_like()?,
-        };
-        *slot = tensor::sum(&g, owners.map(|o| o.0[i]))?;
+        let idx = &todo[at..end];
+        let parts = idx
+            .iter()
+            .map(|&i| match acc[i].take() {
+                Some(g) => Ok(g.flatten_all()?),
+                None => Ok(vars[i].1.as_tensor().zeros_like()?.flatten_all()?),
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        let flat = Tensor::cat(&parts, 0)?;
+        if let Some(sum) = tensor::sum(&flat, owner(first))? {
+            let mut off = 0;
+            for &i in idx {
+                let var = vars[i].1.as_tensor();
+                let k = var.elem_count();
+                acc[i] = Some(sum.narrow(0, off, k)?.reshape(var.shape())?);
+                off += k;
+            }
+        }
+        at = end;
     }
     Ok(())
 }
 
 /// ZeRO-2: every parameter from its owner to every rank after the update.
 pub fn broadcast_params(vars: &[(String, Var)], owners: &Owners) -> Result<()> {
-    if dist::world().size() == 1 {
+    let w = dist::world();
+    if w.size() == 1 {
         return Ok(());
     }
-    for ((_, var), &o) in vars.iter().zip(&owners.0) {
-        let t = tensor::broadcast(var.as_tensor(), o)?;
-        if o != dist::world().rank() {
-            var.set(&t)?;
+    // One flat buffer per owner (in buckets), as for the gradients.
+    for r in 0..w.size() {
+        let mine: Vec<usize> = (0..vars.len()).filter(|&i| owners.0[i] == r).collect();
+        let mut chunks: Vec<Vec<usize>> = Vec::new();
+        let mut n = 0;
+        for i in mine {
+            let k = vars[i].1.elem_count();
+            match chunks.last_mut() {
+                Some(c) if n + k <= BUCKET => c.push(i),
+                _ => {
+                    chunks.push(vec![i]);
+                    n = 0;
+                }
+            }
+            n += k;
+        }
+        for chunk in &chunks {
+            let parts = chunk
+                .iter()
+                .map(|&i| Ok(vars[i].1.as_tensor().detach().flatten_all()?))
+                .collect::<Result<Vec<Tensor>>>()?;
+            let dtypes_agree = parts.iter().all(|p| p.dtype() == parts[0].dtype());
+            if !dtypes_agree {
+                for &i in chunk.iter() {
+                    let t = tensor::broadcast(vars[i].1.as_tensor(), r)?;
+                    if r != w.rank() {
+                        vars[i].1.set(&t)?;
+                    }
+                }
+                continue;
+            }
+            let flat = tensor::broadcast(&Tensor::cat(&parts, 0)?, r)?;
+            if r == w.rank() {
+                continue;
+            }
+            let mut off = 0;
+            for &i in chunk.iter() {
+                let var = &vars[i].1;
+                let k = var.elem_count();
+                var.set(&flat.narrow(0, off, k)?.reshape(var.shape())?)?;
+                off += k;
+            }
         }
     }
     Ok(())
@@ -129,13 +215,16 @@ pub fn reduce_layer(
     owners: &Owners,
     layer_vars: &[Vec<usize>],
 ) -> Result<()> {
-    for &i in &layer_vars[l] {
-        let var = vars[i].1.as_tensor();
-        let g = match grads.remove(var) {
-            Some(g) => g,
-            None => var.zeros_like()?,
-        };
-        if let Some(r) = tensor::sum(&g, Some(owners.0[i]))? {
+    // This micro-batch's gradients in their own slots, summed in buckets,
+    // then added to what earlier micro-batches left on the owner.
+    let idx = &layer_vars[l];
+    let mut fresh: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for &i in idx {
+        fresh[i] = grads.remove(vars[i].1.as_tensor());
+    }
+    sum_in_buckets(idx, &mut fresh, vars, Some(owners))?;
+    for &i in idx {
+        if let Some(r) = fresh[i].take() {
             acc[i] = Some(match acc[i].take() {
                 Some(prev) => (prev + r)?,
                 None => r,
