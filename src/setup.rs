@@ -4,7 +4,7 @@
 //! opens a model (plus an adapter). Asset creation (the embedded default)
 //! happens before, in [`crate::pipeline`].
 
-use crate::config::{Config, Method};
+use crate::config::{Config, Method, Quantize};
 use crate::data::formats::ChatTemplate;
 use crate::data::tokenizer::Tok;
 use crate::data::{self, Example};
@@ -54,6 +54,10 @@ pub fn open_model(
 /// The config's `model.path` as a local HF-format directory: as is, from
 /// the Hub cache, or converted from a GGUF file into the cache.
 pub fn model_dir(cfg: &Config) -> Result<PathBuf> {
+    if cfg.model.quantize == Quantize::Keep {
+        // The weights come from the GGUF itself (validation checked the path).
+        return model::load::gguf_meta_dir(Path::new(&cfg.model.path));
+    }
     model::resolve_model_dir(
         &cfg.model.path,
         cfg.model.revision.as_deref(),
@@ -62,15 +66,36 @@ pub fn model_dir(cfg: &Config) -> Result<PathBuf> {
 }
 
 /// The weights of `dir` in `model.dtype` on `model.device`, trainable as
-/// `mode` says, with the PEFT adapter in `adapter` (if any) attached
-/// unmerged.
+/// `mode` says, held as `model.quantize` says, with the PEFT adapter in
+/// `adapter` (if any) attached unmerged. `keep` applies to the config's own
+/// GGUF; another directory (a merged model) loads dense.
 pub fn load_model(
     cfg: &Config,
     dir: &Path,
     adapter: Option<&Path>,
     mode: Trainable,
 ) -> Result<Model> {
-    let mut model = Model::load(dir, cfg.model.dtype.dtype(), &cfg.device()?, mode)?;
+    let (dtype, device) = (cfg.model.dtype.dtype(), cfg.device()?);
+    let quantize = cfg.model.quantize;
+    let mut model = match (quantize, quantize.ggml()) {
+        (Quantize::Keep, _) if dir == model_dir(cfg)? => {
+            let path = Path::new(&cfg.model.path);
+            let mcfg = model::load_config(dir)?;
+            let w = model::gguf::GgufFile::open(path)?.kept_weights(&mcfg)?;
+            Model::from_weights(mcfg, w, dtype, &device, mode, path)?
+        }
+        (_, Some(ggml)) => {
+            let w = model::load::load_weights_quantized(dir, ggml)?;
+            Model::from_weights(model::load_config(dir)?, w, dtype, &device, mode, dir)?
+        }
+        _ => Model::load(dir, dtype, &device, mode)?,
+    };
+    if !quantize.is_none() {
+        tracing::info!(
+            "base weights: {} in memory (model.quantize = {quantize:?})",
+            crate::train::memory::mib(model.weight_bytes())
+        );
+    }
     if let Some(a) = adapter {
         lora::load_adapter(&mut model, a)?;
     }

@@ -163,7 +163,7 @@ pub fn init(dir: &Path, spec: &TinySpec) -> Result<()> {
         ex.label_start = 1; // language modelling: every token after BOS is a target
     }
     pretrain(&model, &examples, spec, tok.pad)?;
-    let map: HashMap<String, Tensor> = model.named_tensors().into_iter().collect();
+    let map: HashMap<String, Tensor> = model.named_tensors()?.into_iter().collect();
     // Weights last: their presence marks the directory as complete.
     crate::io::save_safetensors(&mdir.join("model.safetensors"), &map)
 }

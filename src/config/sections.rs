@@ -57,6 +57,47 @@ pub struct ModelSection {
     /// tiny model and data in this directory first (offline default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_tiny: Option<PathBuf>,
+    /// Frozen base weights in a ggml block format (LoRA only): `keep` a
+    /// GGUF's own quantised tensors, or quantise the projections at load.
+    #[serde(default, skip_serializing_if = "Quantize::is_none")]
+    pub quantize: Quantize,
+}
+
+/// `model.quantize`: how the frozen base is held ([`crate::model::quant`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Quantize {
+    /// Dense in `model.dtype` (a GGUF is dequantised at load).
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    /// A GGUF's block-format tensors as stored: projections, the embedding
+    /// table and a tied (or quantised) head.
+    #[serde(rename = "keep")]
+    Keep,
+    /// The seven projections of every layer quantised at load.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    #[serde(rename = "q4k")]
+    Q4K,
+}
+
+impl Quantize {
+    pub fn is_none(&self) -> bool {
+        *self == Quantize::None
+    }
+
+    /// The block format to quantise the projections to at load.
+    pub fn ggml(self) -> Option<candle_core::quantized::GgmlDType> {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            Quantize::Q8_0 => Some(GgmlDType::Q8_0),
+            Quantize::Q4_0 => Some(GgmlDType::Q4_0),
+            Quantize::Q4K => Some(GgmlDType::Q4K),
+            Quantize::None | Quantize::Keep => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 //! the rest appended, so a user fixes a config in one round. Float keys
 //! reject NaN and infinities along with their range.
 
-use super::{Config, DeviceSpec, Layers, Method, Strategy, KNOWN_MODULES};
+use super::{Config, DeviceSpec, Layers, Method, Quantize, Strategy, KNOWN_MODULES};
 use super::{DataSection, EvalSection, LoraSection, MaskSection, ModelSection};
 use super::{TrainSection, XtfSection};
 use crate::error::{Error, Result};
@@ -35,6 +35,16 @@ impl Config {
         data(&self.data, &mut c);
         train(&self.train, &mut c);
         lora(&self.lora, &mut c);
+        c.check(
+            self.model.quantize.is_none() || self.train.method == Method::Lora,
+            "model.quantize",
+            "a quantised base is frozen: it needs train.method = \"lora\" (or quantize = \"none\")",
+        );
+        c.check(
+            self.model.quantize != Quantize::Keep || self.model.path.ends_with(".gguf"),
+            "model.quantize",
+            "\"keep\" keeps a GGUF file's quantised tensors: model.path must be a .gguf file (use q8_0, q4_0 or q4k to quantise other checkpoints)",
+        );
         c.check(
             !(self.output.merge && self.train.method == Method::Full),
             "output.merge",

@@ -8,6 +8,7 @@
 use crate::error::{Error, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, Var};
+use crate::model::kernels::quant::{frozen_bwd_tensor, frozen_fwd_storage};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -17,11 +18,48 @@ use rand_chacha::ChaCha8Rng;
 /// operands, even for a weight that is not a `Var`; for LoRA that is a wasted
 /// matmul and a W-sized buffer per layer. Wrapping W inside a unary op makes
 /// it invisible to autograd.
-struct FrozenMatmul {
-    w: Tensor,
+pub(crate) struct FrozenMatmul {
+    w: Frozen,
+}
+
+/// A frozen weight: dense, or in a block format dequantised (to `dtype`)
+/// on the fly in both passes ([`crate::model::quant`]).
+#[derive(Clone)]
+pub(crate) enum Frozen {
+    Dense(Tensor),
+    Quant(crate::model::quant::QWeight, DType),
+}
+
+impl Frozen {
+    pub(crate) fn dims2(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Frozen::Dense(w) => w.dims2(),
+            Frozen::Quant(q, _) => q.shape().dims2(),
+        }
+    }
+
+    /// The dtype the weight computes in.
+    pub(crate) fn dtype(&self) -> DType {
+        match self {
+            Frozen::Dense(w) => w.dtype(),
+            Frozen::Quant(_, dtype) => *dtype,
+        }
+    }
+
+    /// The dense weight on `device` (a dequantised copy for block formats).
+    pub(crate) fn tensor(&self, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => Ok(w.clone()),
+            Frozen::Quant(q, dtype) => q.dequantize(device)?.to_dtype(*dtype),
+        }
+    }
 }
 
 impl FrozenMatmul {
+    pub(crate) fn new(w: Frozen) -> Self {
+        Self { w }
+    }
+
     /// (m, n, k, the input as a contiguous (m, k) layout, Wᵀ's layout, the
     /// output shape). The input may have any rank (its leading dims are the
     /// rows): a reshape node would cost a zeroed buffer and an add pass in
@@ -48,7 +86,8 @@ impl FrozenMatmul {
             n,
             k,
             Layout::contiguous_with_offset((m, k), start),
-            self.w.layout().transpose(0, 1)?,
+            // A dense (n, k) weight, contiguous as stored or dequantised.
+            Layout::contiguous((n, k)).transpose(0, 1)?,
             out,
         ))
     }
@@ -61,7 +100,13 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, n, k, l, wt, out) = self.dims(l)?;
-        let (ws, _) = self.w.storage_and_layout();
+        if let (Frozen::Quant(..), DType::F32 | DType::F64) = (&self.w, s.dtype()) {
+            // Block formats: dequantised a band at a time (kernels::quant).
+            return Ok((frozen_fwd_storage(s, &l, &self.w, (m, n, k))?, out));
+        }
+        let w = self.w.tensor(&candle_core::Device::Cpu)?.contiguous()?;
+        let wt = offset(&w, wt)?;
+        let (ws, _) = w.storage_and_layout();
         let Storage::Cpu(ws) = &*ws else {
             candle_core::bail!("frozen matmul: weight is not on the cpu");
         };
@@ -74,7 +119,9 @@ impl CustomOp1 for FrozenMatmul {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (m, n, k, l, wt, out) = self.dims(l)?;
-        let (ws, _) = self.w.storage_and_layout();
+        let w = self.w.tensor(&candle_core::Device::Cuda(s.device().clone()))?.contiguous()?;
+        let wt = offset(&w, wt)?;
+        let (ws, _) = w.storage_and_layout();
         let Storage::Cuda(ws) = &*ws else {
             candle_core::bail!("frozen matmul: weight is not on the cuda device");
         };
@@ -87,7 +134,9 @@ impl CustomOp1 for FrozenMatmul {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
         let (m, n, k, l, wt, out) = self.dims(l)?;
-        let (ws, _) = self.w.storage_and_layout();
+        let w = self.w.tensor(&candle_core::Device::Metal(s.device().clone()))?.contiguous()?;
+        let wt = offset(&w, wt)?;
+        let (ws, _) = w.storage_and_layout();
         let Storage::Metal(ws) = &*ws else {
             candle_core::bail!("frozen matmul: weight is not on the metal device");
         };
@@ -100,10 +149,24 @@ impl CustomOp1 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let n = self.w.dim(0)?;
-        let g = grad.reshape((grad.elem_count() / n.max(1), n))?;
-        Ok(Some(g.matmul(&self.w)?.reshape(arg.shape())?))
+        let (n, k) = self.w.dims2()?;
+        let m = grad.elem_count() / n.max(1);
+        if let (Frozen::Quant(..), true, DType::F32 | DType::F64) =
+            (&self.w, grad.device().is_cpu(), grad.dtype())
+        {
+            let dx = frozen_bwd_tensor(grad, &self.w, (m, n, k), arg.shape())?;
+            return Ok(Some(dx));
+        }
+        let g = grad.reshape((m, n))?;
+        let w = self.w.tensor(grad.device())?;
+        Ok(Some(g.matmul(&w)?.reshape(arg.shape())?))
     }
+}
+
+/// `wt` (the transposed contiguous layout) at `w`'s storage offset.
+fn offset(w: &Tensor, wt: Layout) -> candle_core::Result<Layout> {
+    let start = w.layout().start_offset();
+    Ok(Layout::new(wt.shape().clone(), wt.stride().to_vec(), start))
 }
 
 /// The trainable low-rank pair of one linear layer.
@@ -165,10 +228,14 @@ pub struct Fwd<'a> {
 /// A linear layer; `frozen` weights take the gradient-free path.
 #[derive(Clone)]
 pub struct Linear {
+    /// The dense weight; an empty stand-in when `quant` holds it.
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub frozen: bool,
     pub lora: Option<LoraAdapter>,
+    /// A frozen weight kept in a block format, and the dtype it is
+    /// dequantised to ([`crate::model::quant`]).
+    pub quant: Option<(crate::model::quant::QWeight, DType)>,
 }
 
 impl Linear {
@@ -178,15 +245,67 @@ impl Linear {
             bias,
             frozen,
             lora: None,
+            quant: None,
+        }
+    }
+
+    /// A frozen layer whose weight stays in a block format, computing in
+    /// `dtype` on `device`.
+    pub fn quantized(
+        q: crate::model::quant::QWeight,
+        bias: Option<Tensor>,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: Tensor::zeros(0, dtype, device)?,
+            bias,
+            frozen: true,
+            lora: None,
+            quant: Some((q, dtype)),
+        })
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        match &self.quant {
+            Some((q, _)) => q.shape().dims2().unwrap_or((0, 0)),
+            None => self.weight.dims2().unwrap_or((0, 0)),
         }
     }
 
     pub fn in_dim(&self) -> usize {
-        self.weight.dims()[1]
+        self.dims().1
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        self.dims().0
+    }
+
+    /// The frozen weight as the matmul op takes it.
+    fn frozen_weight(&self) -> Frozen {
+        match &self.quant {
+            Some((q, dtype)) => Frozen::Quant(q.clone(), *dtype),
+            None => Frozen::Dense(self.weight.clone()),
+        }
+    }
+
+    /// The weight as a dense tensor (dequantised for a block format): what
+    /// merging and saving write.
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.quant {
+            Some((q, dtype)) => crate::model::quant::dequantize(q, *dtype, self.weight.device()),
+            None => Ok(self.weight.clone()),
+        }
+    }
+
+    /// Bytes the base weight (and bias) hold in memory.
+    pub fn weight_bytes(&self) -> u64 {
+        let dense = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let w = match &self.quant {
+            Some((q, _)) => crate::model::quant::bytes(q),
+            None => dense(&self.weight),
+        };
+        w + self.bias.as_ref().map_or(0, dense)
     }
 
     /// x: (..., in) → (..., out)
@@ -194,9 +313,7 @@ impl Linear {
         match (&self.lora, fwd.no_adapters) {
             (Some(l), false) if self.fusable(x, l) => self.forward_fused(x, l, fwd),
             (None, _) | (_, true) if self.frozen => {
-                let op = FrozenMatmul {
-                    w: self.weight.clone(),
-                };
+                let op = FrozenMatmul::new(self.frozen_weight());
                 let y = x.contiguous()?.apply_op1(op)?;
                 Ok(match &self.bias {
                     Some(b) => y.broadcast_add(b)?,
@@ -220,10 +337,13 @@ impl Linear {
     /// [`Self::forward_composite`] up to summation order.
     pub fn fusable(&self, x: &Tensor, l: &LoraAdapter) -> bool {
         let dt = x.dtype();
+        let w = self.frozen_weight();
         self.frozen
             && x.device().is_cpu()
             && matches!(dt, DType::F32 | DType::F64)
-            && [&self.weight, l.a.as_tensor(), l.b.as_tensor()]
+            && w.dtype() == dt
+            && (self.quant.is_some() || self.weight.is_contiguous())
+            && [l.a.as_tensor(), l.b.as_tensor()]
                 .iter()
                 .all(|t| t.dtype() == dt && t.is_contiguous())
     }
@@ -240,7 +360,7 @@ impl Linear {
             _ => None,
         };
         let op = crate::model::kernels::linear::LoraLinear {
-            w: self.weight.clone(),
+            w: self.frozen_weight(),
             scale: l.scale,
             mask,
         };
@@ -259,9 +379,7 @@ impl Linear {
         let m = x.elem_count() / k;
         let x2 = x.reshape((m, k))?;
         let mut y = if self.frozen {
-            x2.apply_op1(FrozenMatmul {
-                w: self.weight.clone(),
-            })?
+            x2.apply_op1(FrozenMatmul::new(self.frozen_weight()))?
         } else {
             x2.matmul(&self.weight.t()?)?
         };

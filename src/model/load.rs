@@ -71,7 +71,7 @@ pub fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
 pub fn resolve_model_dir(path: &str, revision: Option<&str>, dtype: DType) -> Result<PathBuf> {
     let local = Path::new(path);
     if path.ends_with(".gguf") {
-        return converted_gguf(local, dtype);
+        return converted_gguf(local, Some(dtype));
     }
     if local.is_dir()
         || path.starts_with('.')
@@ -141,6 +141,35 @@ pub fn resolve_model_dir(path: &str, revision: Option<&str>, dtype: DType) -> Re
         }
     }
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// The weights of `dir` with the seven projections of every layer
+/// quantised to `dtype` at load (`model.quantize = "q8_0" | "q4_0" |
+/// "q4k"`), one tensor at a time on the CPU; the rest dense.
+pub fn load_weights_quantized(
+    dir: &Path,
+    dtype: candle_core::quantized::GgmlDType,
+) -> Result<HashMap<String, crate::model::Weight>> {
+    use crate::model::{quant, Weight};
+    let dense = load_weights(dir, &Device::Cpu)?;
+    let mut out = HashMap::with_capacity(dense.len());
+    for (name, t) in dense {
+        let w = match is_projection(&name) {
+            true => Weight::Quant(quant::quantize_one(&t, dtype, &name)?),
+            false => Weight::Dense(t),
+        };
+        out.insert(name, w);
+    }
+    Ok(out)
+}
+
+/// Is `name` one of a layer's q/k/v/o/gate/up/down weight matrices?
+fn is_projection(name: &str) -> bool {
+    name.starts_with("model.layers.")
+        && name.ends_with("_proj.weight")
+        && crate::config::KNOWN_MODULES
+            .iter()
+            .any(|m| name.ends_with(&format!(".{m}.weight")))
 }
 
 /// N(0, 0.02) matrices, unit norms: the usual decoder initialisation.
@@ -228,12 +257,19 @@ pub fn gguf_cache_dir() -> PathBuf {
         .join("gguf")
 }
 
-/// The HF-format directory for `file` converted to `dtype`, converting it
-/// on first use. Keyed by the file's size and a hash of its first and last
+/// The config and tokenizer of a `.gguf` file as an HF-format directory
+/// without weights (`model.quantize = "keep"` reads them from the file):
+/// converted once into the GGUF cache like [`resolve_model_dir`]'s.
+pub fn gguf_meta_dir(file: &Path) -> Result<PathBuf> {
+    converted_gguf(file, None)
+}
+
+/// The HF-format directory for `file` converted to `dtype` (without weights
+/// for `None`), converting it on first use. Keyed by the file's size and a hash of its first and last
 /// MiB (a full hash of a multi-GB file would cost more than the conversion),
 /// so a changed file converts afresh; conversion goes to a temp dir renamed
 /// into place, so a killed run never leaves a half-written model.
-fn converted_gguf(file: &Path, dtype: DType) -> Result<PathBuf> {
+fn converted_gguf(file: &Path, dtype: Option<DType>) -> Result<PathBuf> {
     use sha2::{Digest, Sha256};
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
@@ -251,8 +287,14 @@ fn converted_gguf(file: &Path, dtype: DType) -> Result<PathBuf> {
         .file_stem()
         .map_or("model".into(), |s| s.to_string_lossy().into_owned());
     let key = format!("{:x}", h.finalize());
-    let dir = gguf_cache_dir().join(format!("{stem}-{}-{dtype:?}", &key[..16]).to_lowercase());
-    if dir.join("model.safetensors").is_file() {
+    let kind = dtype.map_or("meta".to_string(), |d| format!("{d:?}"));
+    let dir = gguf_cache_dir().join(format!("{stem}-{}-{kind}", &key[..16]).to_lowercase());
+    // The last file written: its presence marks a complete conversion.
+    let marker = dir.join(match dtype {
+        Some(_) => "model.safetensors",
+        None => "tokenizer.json",
+    });
+    if marker.is_file() {
         return Ok(dir);
     }
     let parent = dir.parent().unwrap_or(Path::new("."));
@@ -267,7 +309,7 @@ fn converted_gguf(file: &Path, dtype: DType) -> Result<PathBuf> {
         .open(&lock_path)
         .map_err(|e| Error::io(&lock_path, e))?;
     lock.lock().map_err(|e| Error::io(&lock_path, e))?;
-    if dir.join("model.safetensors").is_file() {
+    if marker.is_file() {
         return Ok(dir); // converted by another process while we waited
     }
     for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
@@ -283,13 +325,12 @@ fn converted_gguf(file: &Path, dtype: DType) -> Result<PathBuf> {
         .prefix(".converting-")
         .tempdir_in(parent)
         .map_err(|e| Error::io(parent, e))?;
-    tracing::info!(
-        "converting {} to {} ({dtype:?})",
-        file.display(),
-        dir.display()
-    );
+    tracing::info!("converting {} to {} ({kind})", file.display(), dir.display());
     let started = std::time::Instant::now();
-    crate::model::gguf::convert(file, tmp.path(), dtype)?;
+    match dtype {
+        Some(dtype) => crate::model::gguf::convert(file, tmp.path(), dtype)?,
+        None => crate::model::gguf::convert_meta(file, tmp.path())?,
+    };
     let staged = tmp.keep();
     if let Err(e) = std::fs::rename(&staged, &dir) {
         let _ = std::fs::remove_dir_all(&staged);

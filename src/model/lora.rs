@@ -166,7 +166,7 @@ pub fn merged_tensors(model: &mut Model) -> Result<Vec<(String, Tensor)>> {
         })?;
     }
     model
-        .named_tensors()
+        .named_tensors()?
         .into_iter()
         .map(|(name, t)| match deltas.get(&name) {
             Some(d) => Ok((name, (t.to_dtype(d.dtype())? + d)?.to_dtype(t.dtype())?)),

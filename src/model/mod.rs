@@ -12,19 +12,21 @@ pub mod kernels;
 pub mod linear;
 pub mod load;
 pub mod lora;
+pub mod quant;
 
 pub use linear::{Fwd, Linear};
+pub use quant::Weight;
 pub use load::{
     load_config, load_weights, random_weights, random_weights_on, resolve_model_dir, weight_files,
 };
 
 use crate::error::{Error, Result};
 use crate::model::kernels::{merge_heads, split_heads, AttnMask};
-use crate::model::linear::check_shape;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// The decoder families we implement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -331,7 +333,7 @@ pub enum Trainable {
 
 pub struct Model {
     pub cfg: ModelConfig,
-    embed: Tensor,
+    embed: Embed,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
@@ -342,11 +344,34 @@ pub struct Model {
     pub vars: Vec<(String, Var)>,
 }
 
+/// The input embedding table: dense, or kept in a GGUF block format with
+/// rows dequantised as they are gathered ([`quant`]).
+#[derive(Clone)]
+enum Embed {
+    Dense(Tensor),
+    Quant(quant::QWeight),
+}
+
 impl Model {
     /// Build from HF-named tensors (already on `device`, any float dtype).
     pub fn from_tensors(
         cfg: ModelConfig,
-        mut w: HashMap<String, Tensor>,
+        w: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        mode: Trainable,
+        path: &Path,
+    ) -> Result<Self> {
+        let w = w.into_iter().map(|(k, t)| (k, Weight::Dense(t))).collect();
+        Self::from_weights(cfg, w, dtype, device, mode, path)
+    }
+
+    /// Build from HF-named weights, dense or in a block format. A block-format
+    /// matrix stays one (frozen, [`quant`]); vectors (norms, biases) are
+    /// dequantised; everything computes in `dtype` on `device`.
+    pub fn from_weights(
+        cfg: ModelConfig,
+        mut w: HashMap<String, Weight>,
         dtype: DType,
         device: &Device,
         mode: Trainable,
@@ -356,13 +381,34 @@ impl Model {
         let frozen = mode == Trainable::Frozen;
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (nh, nkv, v) = (cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size);
-        let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
+        // A matrix as stored: dense (a Var for full fine-tuning) or quantised.
+        let mut take = |name: String, shape: &[usize]| -> Result<Weight> {
             let t = w
                 .remove(&name)
                 .ok_or_else(|| Error::model(path, format!("missing tensor {name}")))?;
-            check_shape(&name, &t, shape, path)?;
+            if t.dims() != shape {
+                return Err(Error::model(
+                    path,
+                    format!("tensor {name}: shape {:?}, expected {shape:?}", t.dims()),
+                ));
+            }
+            let t = match t {
+                Weight::Quant(q) if frozen => {
+                    return Ok(Weight::Quant(quant::to_device(q, device)?));
+                }
+                Weight::Quant(_) => {
+                    return Err(Error::model(
+                        path,
+                        format!(
+                            "tensor {name} is quantised: full fine-tuning needs dense weights \
+                             (model.quantize = \"none\")"
+                        ),
+                    ))
+                }
+                Weight::Dense(t) => t,
+            };
             let t = t.to_dtype(dtype)?.to_device(device)?;
-            Ok(match mode {
+            Ok(Weight::Dense(match mode {
                 // detach: a frozen weight must never be a graph leaf, even if
                 // the caller handed us a Var's tensor.
                 Trainable::Frozen => t.detach(),
@@ -371,20 +417,28 @@ impl Model {
                     vars.push((name, var.clone()));
                     var.as_tensor().clone()
                 }
+            }))
+        };
+        let linear = |t: Weight, bias: Option<Tensor>| -> Result<Linear> {
+            Ok(match t {
+                Weight::Dense(t) => Linear::new(t, bias, frozen),
+                Weight::Quant(q) => Linear::quantized(Arc::new(q), bias, dtype, device)?,
             })
         };
-        let embed = take("model.embed_tokens.weight".into(), &[v, h])?;
+        let embed = match take("model.embed_tokens.weight".into(), &[v, h])? {
+            Weight::Dense(t) => Embed::Dense(t),
+            Weight::Quant(q) => Embed::Quant(Arc::new(q)),
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
             let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
                 let wt = take(format!("{p}.{name}.weight"), &[out, inp])?;
-                let b = if bias {
-                    Some(take(format!("{p}.{name}.bias"), &[out])?)
-                } else {
-                    None
+                let b = match bias {
+                    true => Some(take(format!("{p}.{name}.bias"), &[out])?.dense(dtype)?),
+                    false => None,
                 };
-                Ok(Linear::new(wt, b, frozen))
+                linear(wt, b)
             };
             let attn = Attention {
                 q: lin("self_attn.q_proj", nh * hd, h, cfg.qkv_bias)?,
@@ -397,18 +451,19 @@ impl Model {
                 up: lin("mlp.up_proj", i, h, cfg.mlp_bias)?,
                 down: lin("mlp.down_proj", h, i, cfg.mlp_bias)?,
             };
+            let mut norm = |name: String| take(name, &[h])?.dense(dtype);
             layers.push(Layer {
-                input_norm: take(format!("{p}.input_layernorm.weight"), &[h])?,
+                input_norm: norm(format!("{p}.input_layernorm.weight"))?,
                 attn,
-                post_norm: take(format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                post_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
                 mlp,
             });
         }
-        let norm = take("model.norm.weight".into(), &[h])?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed.clone(), None, frozen)
-        } else {
-            Linear::new(take("lm_head.weight".into(), &[v, h])?, None, frozen)
+        let norm = take("model.norm.weight".into(), &[h])?.dense(dtype)?;
+        let lm_head = match (cfg.tie_word_embeddings, &embed) {
+            (true, Embed::Dense(t)) => Linear::new(t.clone(), None, frozen),
+            (true, Embed::Quant(q)) => Linear::quantized(q.clone(), None, dtype, device)?,
+            (false, _) => linear(take("lm_head.weight".into(), &[v, h])?, None)?,
         };
         let inv_freq = Tensor::new(cfg.inv_freq(), device)?;
         Ok(Self {
@@ -431,9 +486,14 @@ impl Model {
         Self::from_tensors(cfg, weights, dtype, device, mode, dir)
     }
 
-    /// All base weights by HF name, as saved (the tied head is not repeated).
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+    /// All base weights by HF name, as saved (the tied head is not repeated);
+    /// block-format weights dequantised to the model's dtype.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let embed = match &self.embed {
+            Embed::Dense(t) => t.clone(),
+            Embed::Quant(q) => quant::dequantize(q, self.dtype, &self.device)?,
+        };
+        let mut out = vec![("model.embed_tokens.weight".to_string(), embed)];
         for (l, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
             out.push((
@@ -445,7 +505,7 @@ impl Model {
                 layer.post_norm.clone(),
             ));
             for (sub, name, lin) in layer.linears() {
-                out.push((format!("{p}.{sub}.{name}.weight"), lin.weight.clone()));
+                out.push((format!("{p}.{sub}.{name}.weight"), lin.dense_weight()?));
                 if let Some(b) = &lin.bias {
                     out.push((format!("{p}.{sub}.{name}.bias"), b.clone()));
                 }
@@ -453,14 +513,49 @@ impl Model {
         }
         out.push(("model.norm.weight".into(), self.norm.clone()));
         if !self.cfg.tie_word_embeddings {
-            out.push(("lm_head.weight".into(), self.lm_head.weight.clone()));
+            out.push(("lm_head.weight".into(), self.lm_head.dense_weight()?));
         }
-        out
+        Ok(out)
     }
 
-    /// The input embedding matrix (XTF task relevance reads it).
-    pub fn embeddings(&self) -> &Tensor {
-        &self.embed
+    /// The input embedding matrix when it is dense (full fine-tuning trains
+    /// it; gradient checkpointing needs the tensor).
+    pub fn dense_embeddings(&self) -> Option<&Tensor> {
+        match &self.embed {
+            Embed::Dense(t) => Some(t),
+            Embed::Quant(_) => None,
+        }
+    }
+
+    /// Embedding rows (N, H) of the ids (N,) in the model's dtype (XTF task
+    /// relevance reads them; a quantised table dequantises only these rows).
+    pub fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match &self.embed {
+            Embed::Dense(t) => t.index_select(ids, 0)?,
+            Embed::Quant(q) => q.embedding(ids)?.to_dtype(self.dtype)?,
+        })
+    }
+
+    /// Bytes the base weights hold (block formats at their stored size).
+    pub fn weight_bytes(&self) -> u64 {
+        let dense = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let embed = match &self.embed {
+            Embed::Dense(t) => dense(t),
+            Embed::Quant(q) => quant::bytes(q),
+        };
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                let lin: u64 = l.linears().iter().map(|(_, _, x)| x.weight_bytes()).sum();
+                lin + dense(&l.input_norm) + dense(&l.post_norm)
+            })
+            .sum();
+        let head = match self.cfg.tie_word_embeddings {
+            true => 0,
+            false => self.lm_head.weight_bytes(),
+        };
+        embed + layers + dense(&self.norm) + head
     }
 
     /// Visit every linear layer named `module` (e.g. "q_proj") with its HF prefix
@@ -596,7 +691,7 @@ impl Model {
     /// Token embeddings (B, T, H) of ids (B, T): the first layer's input.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+        Ok(self.embed_rows(&ids.flatten_all()?)?.reshape((
             b,
             t,
             self.cfg.hidden_size,

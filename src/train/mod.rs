@@ -711,7 +711,7 @@ pub fn save_outputs(cfg: &Config, s: &mut Setup, out: &Path) -> Result<()> {
                 save_checkpoint(&merged, &s.model_dir, &out.join("merged"))?;
             }
         }
-        Method::Full => save_checkpoint(&s.model.named_tensors(), &s.model_dir, out)?,
+        Method::Full => save_checkpoint(&s.model.named_tensors()?, &s.model_dir, out)?,
     }
     Ok(())
 }

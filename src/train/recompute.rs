@@ -39,7 +39,7 @@ pub fn backward_checkpointed(
 ) -> Result<(Tensor, GradStore)> {
     let ctx = model.context(ids, packed)?;
     let trainable = model.trainable_tensors();
-    let embed_trains = model.embeddings().is_variable();
+    let embed_trains = model.dense_embeddings().is_some_and(|e| e.is_variable());
     // Forward: keep each layer's input, detached, so a layer's graph is
     // freed as soon as its output exists; remember where the RNG stood.
     let mut x = model.embed(ids)?.detach();
@@ -87,8 +87,7 @@ pub fn backward_checkpointed(
     }
     // Embedding: what candle's index_select backward does, onto the LM
     // head's share when the head is tied to it.
-    if embed_trains {
-        let e = model.embeddings();
+    if let Some(e) = model.dense_embeddings().filter(|_| embed_trains) {
         let prev = match out.remove(e) {
             Some(p) => p,
             None => e.zeros_like()?,

@@ -181,10 +181,7 @@ pub fn token_vectors(model: &Model, ids: &[u32], embedding: TrEmbedding) -> Resu
     let dev = &model.device;
     let idx = Tensor::from_vec(ids.to_vec(), ids.len(), dev)?;
     match embedding {
-        TrEmbedding::Input => Ok(model
-            .embeddings()
-            .index_select(&idx, 0)?
-            .to_dtype(DType::F32)?),
+        TrEmbedding::Input => Ok(model.embed_rows(&idx)?.to_dtype(DType::F32)?),
         TrEmbedding::FinalHidden => {
             let mut rows = Vec::new();
             for chunk in ids.chunks(512) {

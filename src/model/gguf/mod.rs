@@ -135,6 +135,22 @@ pub struct ConvertSummary {
 /// Files are first written under temporary names and renamed at the end, so a
 /// failure part-way never leaves a directory that looks complete.
 pub fn convert(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<ConvertSummary> {
+    convert_parts(gguf_path, out_dir, dtype, true)
+}
+
+/// [`convert`] without `model.safetensors`: the config and tokenizer files
+/// a run on the GGUF's own quantised tensors needs (`model.quantize =
+/// "keep"`), which reads the weights from the GGUF itself.
+pub fn convert_meta(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
+    convert_parts(gguf_path, out_dir, DType::F32, false)
+}
+
+fn convert_parts(
+    gguf_path: &Path,
+    out_dir: &Path,
+    dtype: DType,
+    weights: bool,
+) -> Result<ConvertSummary> {
     let file = GgufFile::open(gguf_path)?;
     // Build the small files first (and validate every tensor's shape): most
     // errors surface before anything is written or dequantised.
@@ -146,14 +162,15 @@ pub fn convert(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<Convert
     file.plan(&cfg)?;
 
     std::fs::create_dir_all(out_dir).map_err(|e| write_err(out_dir, e))?;
-    let staged: Vec<(PathBuf, PathBuf)> = [
+    let names = [
         "config.json",
         "generation_config.json",
         "tokenizer_config.json",
         "tokenizer.json",
         "model.safetensors",
-    ]
-    .iter()
+    ];
+    let staged: Vec<(PathBuf, PathBuf)> = names[..if weights { 5 } else { 4 }]
+        .iter()
     .map(|name| (out_dir.join(format!(".{name}.partial")), out_dir.join(name)))
     .collect();
     let put_json = |path: &Path, v: &Value| -> Result<()> {
@@ -167,7 +184,10 @@ pub fn convert(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<Convert
         tokenizer
             .save(&staged[3].0, false)
             .map_err(|e| write_err(&staged[3].0, e))?;
-        file.write_safetensors(&cfg, dtype, &staged[4].0)
+        match weights {
+            true => file.write_safetensors(&cfg, dtype, &staged[4].0),
+            false => Ok((0, 0)),
+        }
     })();
     let (tensors, parameters) = match written {
         Ok(n) => n,

@@ -4,7 +4,7 @@
 
 use super::config::dtype_name;
 use super::{qk_permuted, tensor_err, write_err, GgufError, GgufFile, Result};
-use crate::model::ModelConfig;
+use crate::model::{ModelConfig, Weight};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -51,20 +51,57 @@ impl GgufFile {
             .collect()
     }
 
+    /// Every weight by HF name with block-format tensors kept in their stored
+    /// type (`model.quantize = "keep"`): Q/K rows un-permuted as whole byte
+    /// ranges, f32/f16/bf16 tensors (norms) read dense as f32. Costs about
+    /// the file's size in memory.
+    pub fn kept_weights(&self, cfg: &ModelConfig) -> Result<HashMap<String, Weight>> {
+        let mut out = HashMap::new();
+        for (gname, hname) in self.plan(cfg)? {
+            let q = self.read_qtensor(&gname)?;
+            let w = match crate::model::quant::is_block(q.dtype()) {
+                false => Weight::Dense(self.convert_tensor(cfg, &gname, DType::F32)?),
+                true => match self.qk_heads(cfg, &gname) {
+                    None => Weight::Quant(q),
+                    Some(n) => {
+                        let err = |e: crate::Error| tensor_err(&self.path, &gname, e);
+                        let rows = q.shape().dims().first().copied().unwrap_or(0);
+                        let idx = Tensor::arange(0u32, rows as u32, &Device::Cpu)
+                            .and_then(|t| t.reshape((rows, 1)))
+                            .and_then(|t| unpermute_qk(&t, n))
+                            .and_then(|t| t.flatten_all()?.to_vec1::<u32>())
+                            .map_err(|e| err(e.into()))?;
+                        let order: Vec<usize> = idx.into_iter().map(|i| i as usize).collect();
+                        Weight::Quant(
+                            crate::model::quant::permute_rows(&q, &order, &Device::Cpu)
+                                .map_err(err)?,
+                        )
+                    }
+                },
+            };
+            out.insert(hname, w);
+        }
+        Ok(out)
+    }
+
+    /// The head count whose Q/K row permutation `gname` carries, if any.
+    fn qk_heads(&self, cfg: &ModelConfig, gname: &str) -> Option<usize> {
+        if !qk_permuted(cfg.family) {
+            None
+        } else if gname.contains(".attn_q.") {
+            Some(cfg.num_heads)
+        } else if gname.contains(".attn_k.") {
+            Some(cfg.num_kv_heads)
+        } else {
+            None
+        }
+    }
+
     /// One tensor as the HF checkpoint holds it: dequantised, Q/K un-permuted, cast.
     fn convert_tensor(&self, cfg: &ModelConfig, gname: &str, dtype: DType) -> Result<Tensor> {
         let mut t = self.read_f32(gname)?;
-        if qk_permuted(cfg.family) {
-            let heads = if gname.contains(".attn_q.") {
-                Some(cfg.num_heads)
-            } else if gname.contains(".attn_k.") {
-                Some(cfg.num_kv_heads)
-            } else {
-                None
-            };
-            if let Some(n) = heads {
-                t = unpermute_qk(&t, n).map_err(|e| tensor_err(&self.path, gname, e))?;
-            }
+        if let Some(n) = self.qk_heads(cfg, gname) {
+            t = unpermute_qk(&t, n).map_err(|e| tensor_err(&self.path, gname, e))?;
         }
         t.to_dtype(dtype)
             .map_err(|e| tensor_err(&self.path, gname, e))

@@ -20,6 +20,7 @@
 use crate::model::kernels::cpu::{
     as_uninit, cpu_slice, gemm_into, parallelism, product, with_slice, GemmElem, Mat,
 };
+use crate::model::kernels::quant::{frozen_g_w, frozen_x_wt};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
@@ -48,9 +49,10 @@ fn out_shape(shape: &Shape, n: usize) -> Shape {
 
 /// The LoRA layer's op: arguments x (..., k) (leading dims are the m rows:
 /// no reshape nodes, which candle's backward pays for too), A (r, k), B (n, r); the frozen
-/// W (n, k), scale and dropout mask (m·k values 0 or 1/(1−p)) live here.
+/// W (n, k; dense, or in a block format dequantised for each pass), scale
+/// and dropout mask (m·k values 0 or 1/(1−p)) live here.
 pub(crate) struct LoraLinear {
-    pub w: Tensor,
+    pub w: crate::model::linear::Frozen,
     pub scale: f64,
     pub mask: Option<Vec<f32>>,
 }
@@ -97,12 +99,10 @@ impl LoraLinear {
         let xd = dropped(x, &self.mask, &mut keep);
         // u = dropout(x) Aᵀ (m, r), then y = x Wᵀ + s · u Bᵀ.
         let u = product((m, r, k), Mat::rows(xd, k), Mat::t(a, k), 1.0, par)?;
-        with_slice::<E, _>(&self.w, |w| {
-            let mut y = product((m, n, k), Mat::rows(x, k), Mat::t(w, k), 1.0, par)?;
-            let (ub, bt) = (Mat::rows(&u, r), Mat::t(b, r));
-            gemm_into(as_uninit(&mut y), true, (m, n, r), ub, bt, self.scale, par)?;
-            Ok(y)
-        })
+        let mut y = frozen_x_wt(x, &self.w, (m, n, k))?;
+        let (ub, bt) = (Mat::rows(&u, r), Mat::t(b, r));
+        gemm_into(as_uninit(&mut y), true, (m, n, r), ub, bt, self.scale, par)?;
+        Ok(y)
     }
 
     #[allow(clippy::type_complexity)]
@@ -133,9 +133,7 @@ impl LoraLinear {
         };
         // dx = g W + s (v A) ⊙ mask
         let dx = if need.0 {
-            let mut dx = with_slice::<E, _>(&self.w, |w| {
-                product((m, k, n), Mat::rows(g, n), Mat::rows(w, k), 1.0, par)
-            })?;
+            let mut dx = frozen_g_w(g, &self.w, (m, n, k))?;
             let (vm, am) = (Mat::rows(&v, r), Mat::rows(a, k));
             match &self.mask {
                 None => gemm_into(as_uninit(&mut dx), true, (m, k, r), vm, am, s, par)?,

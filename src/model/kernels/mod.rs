@@ -13,6 +13,7 @@
 //! One file per op: [`norm`] (RMSNorm), [`swiglu`], [`attn_softmax`] (the
 //! masked softmax and its in-kernel masks), [`attention`] (the whole
 //! attention core), [`linear`] (LoRA and full fine-tuning's `x Wᵀ`),
+//! [`quant`] (products with a block-format weight, a band at a time),
 //! [`heads`] (head split + RoPE, head merge) and [`cross_entropy`]; shared
 //! by them, [`numerics`] (compute types, vectorising exp, lane sums, the
 //! AVX-512 / AVX2 dispatch) and [`cpu`] (contiguous storage slices, gemm
@@ -23,7 +24,8 @@
 //!
 //! `unsafe` is confined to: writing outputs once into uninitialised buffers
 //! (`cpu::try_build`, `build2`, `as_uninit`, `attention::assume_init`),
-//! gemm's raw-pointer entry (`cpu::gemm_raw`), the attention core's
+//! gemm's raw-pointer entry (`cpu::gemm_raw`; `quant::x_wt` writes column
+//! bands through it), the attention core's
 //! disjoint column-band writes from rayon tasks (`attention::SharedMut`),
 //! and calling the `target_feature` copies of a kernel after run-time
 //! detection (`numerics::multiversion!`). Each site says why it holds.
@@ -39,6 +41,7 @@ pub mod cross_entropy;
 pub mod heads;
 pub(crate) mod linear;
 pub mod norm;
+pub(crate) mod quant;
 pub mod swiglu;
 
 pub use attention::attention;

@@ -1,0 +1,129 @@
+//! Products with a frozen block-format weight on the CPU, dequantising W a
+//! band of rows at a time ([`crate::model::quant`]).
+//!
+//! Why bands: a layer's whole dequantised weight is a transient as large as
+//! the dense weight — for a tied head, the vocabulary × hidden table, alive
+//! while the head's logits and their gradient are (the step's peak). A band
+//! of [`BAND_BYTES`] bounds it; the gemm per band is still large enough to
+//! run at full speed. `y = x Wᵀ` writes each band's columns of `y`;
+//! `dx = g W` accumulates each band's contribution.
+
+use crate::model::kernels::cpu::{gemm_into, gemm_raw, parallelism, try_build, GemmElem, Mat};
+use candle_core::quantized::QTensor;
+use candle_core::{bail, Result};
+use std::ops::Range;
+
+/// Dense bytes (f32) of one dequantised band of W.
+pub(crate) const BAND_BYTES: usize = 8 << 20;
+
+/// Row bands of an (n, k) weight of at most [`BAND_BYTES`] each.
+fn bands(n: usize, k: usize) -> impl Iterator<Item = Range<usize>> {
+    let rows = (BAND_BYTES / 4 / k.max(1)).max(1);
+    (0..n).step_by(rows).map(move |r| r..(r + rows).min(n))
+}
+
+/// Rows `rows` of `q` dequantised, as `E`.
+fn band<E: GemmElem>(q: &QTensor, rows: Range<usize>) -> Result<Vec<E>> {
+    let t = crate::model::quant::dequantize_rows(q, rows)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    t.to_dtype(E::DTYPE)?.flatten_all()?.to_vec1::<E>()
+}
+
+/// `y (m, n) = x (m, k) · Wᵀ` for the (n, k) block-format `q`.
+pub(crate) fn x_wt<E: GemmElem>(x: &[E], q: &QTensor, (m, n, k): (usize, usize, usize)) -> Result<Vec<E>> {
+    if q.shape().dims() != [n, k] || x.len() < m * k {
+        bail!("quantised matmul: x {m}×{k} and W {:?} do not fit", q.shape().dims());
+    }
+    let par = parallelism();
+    try_build(m * n, |y| {
+        for r in bands(n, k) {
+            let w = band::<E>(q, r.clone())?;
+            // SAFETY: `y` holds m·n elements; this band writes columns
+            // r.start..r.end of every row (row stride n), all in bounds, and
+            // the bands cover each column once, so every element is written.
+            unsafe {
+                let dst = (y.as_mut_ptr() as *mut E).add(r.start);
+                gemm_raw(dst, n, false, (m, r.len(), k), Mat::rows(x, k), Mat::t(&w, k), 1.0, par)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `dx (m, k) = g (m, n) · W` for the (n, k) block-format `q`.
+pub(crate) fn g_w<E: GemmElem>(g: &[E], q: &QTensor, (m, n, k): (usize, usize, usize)) -> Result<Vec<E>> {
+    if q.shape().dims() != [n, k] || g.len() < m * n {
+        bail!("quantised matmul: g {m}×{n} and W {:?} do not fit", q.shape().dims());
+    }
+    let par = parallelism();
+    try_build(m * k, |dx| {
+        for (i, r) in bands(n, k).enumerate() {
+            let w = band::<E>(q, r.clone())?;
+            // g's columns of this band: a strided (m, len) view.
+            let gb = Mat { data: &g[r.start..], rs: n, cs: 1 };
+            gemm_into(dx, i > 0, (m, k, r.len()), gb, Mat::rows(&w, k), 1.0, par)?;
+        }
+        Ok(())
+    })
+}
+
+/// `y = x Wᵀ` for any frozen weight: dense through one gemm, block formats
+/// a band at a time.
+pub(crate) fn frozen_x_wt<E: GemmElem>(
+    x: &[E],
+    w: &crate::model::linear::Frozen,
+    (m, n, k): (usize, usize, usize),
+) -> Result<Vec<E>> {
+    use crate::model::kernels::cpu::{product, with_slice};
+    match w {
+        crate::model::linear::Frozen::Quant(q, _) => x_wt(x, q, (m, n, k)),
+        crate::model::linear::Frozen::Dense(w) => with_slice::<E, _>(w, |w| {
+            product((m, n, k), Mat::rows(x, k), Mat::t(w, k), 1.0, parallelism())
+        }),
+    }
+}
+
+/// `dx = g W` for any frozen weight.
+pub(crate) fn frozen_g_w<E: GemmElem>(
+    g: &[E],
+    w: &crate::model::linear::Frozen,
+    (m, n, k): (usize, usize, usize),
+) -> Result<Vec<E>> {
+    use crate::model::kernels::cpu::{product, with_slice};
+    match w {
+        crate::model::linear::Frozen::Quant(q, _) => g_w(g, q, (m, n, k)),
+        crate::model::linear::Frozen::Dense(w) => with_slice::<E, _>(w, |w| {
+            product((m, k, n), Mat::rows(g, n), Mat::rows(w, k), 1.0, parallelism())
+        }),
+    }
+}
+
+/// [`frozen_x_wt`] on CPU storage (f32/f64), for the frozen matmul op.
+pub(crate) fn frozen_fwd_storage(
+    s: &candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    w: &crate::model::linear::Frozen,
+    mnk: (usize, usize, usize),
+) -> Result<candle_core::CpuStorage> {
+    use crate::model::kernels::cpu::cpu_slice;
+    use candle_core::backend::BackendStorage;
+    use candle_core::WithDType;
+    Ok(by_real!(s.dtype(), "frozen matmul", |E| {
+        let x = cpu_slice::<E>(s, l, "frozen matmul")?;
+        E::to_cpu_storage_owned(frozen_x_wt(x, w, mnk)?)
+    }))
+}
+
+/// [`frozen_g_w`] on a CPU gradient (f32/f64), shaped like `like`.
+pub(crate) fn frozen_bwd_tensor(
+    g: &candle_core::Tensor,
+    w: &crate::model::linear::Frozen,
+    mnk: (usize, usize, usize),
+    like: &candle_core::Shape,
+) -> Result<candle_core::Tensor> {
+    use crate::model::kernels::cpu::with_slice;
+    by_real!(g.dtype(), "frozen matmul", |E| {
+        let dx = with_slice::<E, _>(g, |g| frozen_g_w(g, w, mnk))?;
+        candle_core::Tensor::from_vec(dx, like.clone(), g.device())
+    })
+}
