@@ -4,10 +4,12 @@
 //! fine-tuning, bf16 weights on CUDA (the composite ops' activations), one
 //! sequence of 2048 tokens per rank with gradient checkpointing, plain data
 //! parallel and ZeRO-2 at 1, 2 and 8 ranks. No GPU and no weights needed:
-//! the plan is a formula over the config.
+//! the plan is a formula over the config. A second table: LoRA on a base
+//! held in Q8_0 / Q4_0 / Q4_K (`model.quantize`), one rank.
 //!
 //!     cargo bench --bench memory_plan [-- --seq 2048 --batch 1 --accum 4]
 
+use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 use xtf_train::config::Method;
 use xtf_train::model::ModelConfig;
@@ -84,6 +86,7 @@ fn main() {
                     fused: false,
                     ranks,
                     zero,
+                    quant: None,
                 };
                 let plan = MemoryPlan::estimate(&m, &p);
                 println!(
@@ -96,6 +99,61 @@ fn main() {
                     gib(plan.total())
                 );
             }
+        }
+    }
+    // LoRA on a quantised base (`model.quantize`), one rank: what the
+    // frozen weights cost in each block format, and whether the run fits a
+    // 24 GiB card.
+    println!();
+    println!("| model | base | weights | grads | AdamW | activations | total GiB | fits 24 GiB |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, h, i, l, nh, nkv, v, tied) in MODELS {
+        let cfg = serde_json::json!({
+            "model_type": "qwen2", "hidden_size": h, "intermediate_size": i,
+            "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nkv,
+            "vocab_size": v, "tie_word_embeddings": tied, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 131072
+        });
+        let m = ModelConfig::from_json(&cfg, std::path::Path::new(name)).expect("config");
+        for quant in [
+            None,
+            Some(GgmlDType::Q8_0),
+            Some(GgmlDType::Q4_0),
+            Some(GgmlDType::Q4K),
+        ] {
+            let p = PlanParams {
+                dtype: DType::BF16,
+                method: Method::Lora,
+                lora_r: 8,
+                lora_targets: xtf_train::config::KNOWN_MODULES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                lora_dropout: false,
+                micro_batch: batch,
+                seq_len: seq,
+                grad_accum: accum,
+                checkpointing: true,
+                fused: false,
+                ranks: 1,
+                zero: 0,
+                quant,
+            };
+            let plan = MemoryPlan::estimate(&m, &p);
+            let base = quant.map_or("bf16".to_string(), |q| format!("{q:?}"));
+            println!(
+                "| {name} | {base} | {} | {} | {} | {} | **{}** | {} |",
+                gib(plan.weights),
+                gib(plan.grads),
+                gib(plan.optimizer),
+                gib(plan.activations),
+                gib(plan.total()),
+                if plan.total() <= 24 << 30 {
+                    "yes"
+                } else {
+                    "no"
+                }
+            );
         }
     }
 }

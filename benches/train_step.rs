@@ -230,6 +230,7 @@ fn main() -> xtf_train::Result<()> {
             fused: dev.is_cpu(),
             ranks: 1,
             zero: 0,
+            quant: None,
         },
     );
     let line = serde_json::json!({

@@ -143,7 +143,7 @@ if [[ -n $prebuilt ]]; then
   bench=$bundle/train_step
   export CARGO_MANIFEST_DIR=$PWD # the test binaries read tests/fixtures from here
   model_tests() {
-    timeout --signal=INT "$LIMIT" "$bundle/integration" --nocapture parity:: grad:: packing::
+    timeout --signal=INT "$LIMIT" "$bundle/integration" --nocapture parity:: grad:: packing:: quant::quantised_matmul
   }
 else
   stage build 330 cargo build --release $offline "${features[@]}" --bin xtf-train --bench train_step
@@ -153,7 +153,7 @@ else
   bench=$(ls -t target/release/deps/train_step-* 2>/dev/null | grep -v '\.d$' | head -1)
   model_tests() {
     timeout --signal=INT "$LIMIT" cargo test --release $offline "${features[@]}" \
-      --test integration -- --nocapture parity:: grad:: packing::
+      --test integration -- --nocapture parity:: grad:: packing:: quant::quantised_matmul
   }
 fi
 
@@ -171,6 +171,11 @@ sed -e "s/^device = \"cpu\"/device = \"$device\"/" \
   -e 's/^eval_steps = 10/eval_steps = 20/' configs/tiny.toml >"$cfg"
 stage tiny-run 150 "$bin" --config "$cfg" --quiet
 stage tiny-score 60 "$bin" score --config "$cfg" --rescore --quiet
+# LoRA on a Q4_0 base (model.quantize): block weights on the device,
+# dequantised per product by candle's CUDA kernels.
+sed -e 's/^\[model\]$/[model]\nquantize = "q4_0"/' \
+  -e "s|^dir = \"$out/tiny-out\"|dir = \"$out/tiny-q4-out\"|" "$cfg" >"$out/tiny-q4.toml"
+stage tiny-q4 150 "$bin" --config "$out/tiny-q4.toml" --quiet
 # NCCL on the device: every tensor collective through a one-rank
 # communicator (the multi-rank runs need several GPUs; docs/distributed.md).
 [[ $device == cpu ]] || stage nccl-selftest 60 "$bin" dist-selftest --device "$device"

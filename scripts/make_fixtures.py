@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the tiny HF-transformers reference fixtures used by the Rust tests.
 
-What: for each family (llama, qwen2, mistral) this builds a tiny, randomly
+What: for each family (llama, qwen2, mistral, qwen3) this builds a tiny, randomly
 initialised causal LM (f32, eager attention, fixed seeds), saves it with
 `save_pretrained(..., safe_serialization=True)` to `tests/fixtures/<family>/`
 and writes `tests/fixtures/<family>/reference.safetensors` with reference
@@ -29,7 +29,8 @@ The script is deterministic and idempotent (re-running rewrites identical data).
 
 Run (from the repository root):
 
-    python3 scripts/make_fixtures.py
+    python3 scripts/make_fixtures.py            # every family
+    python3 scripts/make_fixtures.py qwen3      # only the named families
 """
 
 import json
@@ -65,7 +66,7 @@ COMMON = dict(
 
 
 def make_config(family):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     if family == "llama":
         return LlamaConfig(
@@ -87,6 +88,15 @@ def make_config(family):
         return Qwen2Config(
             **COMMON,
             rope_theta=1e6,
+            use_sliding_window=False,
+            tie_word_embeddings=True,
+        )
+    if family == "qwen3":
+        return Qwen3Config(
+            **COMMON,
+            head_dim=16,  # != hidden/heads, as on the real Qwen3 sizes
+            rope_theta=1e6,
+            attention_bias=False,
             use_sliding_window=False,
             tie_word_embeddings=True,
         )
@@ -333,10 +343,13 @@ def main():
         sys.exit("run from the repository root (tests/ not found)")
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
-    for seed, family in enumerate(["llama", "qwen2", "mistral"]):
-        make_family(family, 1000 * (seed + 1))
+    families = ["llama", "qwen2", "mistral", "qwen3"]
+    chosen = sys.argv[1:] or families
+    for seed, family in enumerate(families):
+        if family in chosen:
+            make_family(family, 1000 * (seed + 1))
     print("\n== saved config.json files")
-    for family in ["llama", "qwen2", "mistral"]:
+    for family in chosen:
         path = os.path.join(FIXTURES, family, "config.json")
         with open(path) as f:
             cfg = json.load(f)

@@ -12,7 +12,8 @@
 //!   `output.dir/.staging-<pid>/` and moved into place by [`RunDir::publish`]
 //!   when the run has succeeded. A failed or interrupted run leaves the
 //!   previous outputs whole. What must outlive a failed run is written in
-//!   place: checkpoints (each appears only complete) and the score cache.
+//!   place: checkpoints (each appears only complete), the score cache and
+//!   the TensorBoard log (`tensorboard/`, followed live).
 //! - **Leftovers removed.** Under the lock, the temp files of killed atomic
 //!   writes (`.xtf-tmp-*`), staging directories and partial checkpoints of
 //!   earlier runs are removed.

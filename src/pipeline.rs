@@ -111,12 +111,13 @@ pub fn run(cfg: &Config, sw: Switches) -> Result<train::TrainReport> {
     let mut setup = setup(cfg)?;
     // Before the scoring pass and the first step: a run that cannot fit on
     // the card stops now, naming the numbers.
-    train::memory::check(cfg, &setup.model.cfg, &setup.model.device)?;
+    train::memory::check(cfg, &setup.model)?;
     let (xtf_run, mask) = loss_mask(cfg, &mut setup, &out, sw)?;
     let opts = RunOptions {
         quiet: sw.quiet,
         resume: sw.resume,
         out: out.clone(),
+        start_scalars: xtf_run.as_ref().map_or(Vec::new(), |r| r.summary.scalars()),
     };
     let report = train::train(cfg, &mut setup, &mask, opts)?;
     if let (Some(r), true) = (&xtf_run, crate::dist::world().is_main()) {

@@ -92,7 +92,7 @@ pub fn load_model(
     };
     if !quantize.is_none() {
         tracing::info!(
-            "base weights: {} in memory (model.quantize = {quantize:?})",
+            "base weights: {} in memory (model.quantize = \"{quantize}\")",
             crate::train::memory::mib(model.weight_bytes())
         );
     }

@@ -344,6 +344,7 @@ fn strategies_build_their_masks_from_a_reference_model() {
             quiet: true,
             resume: false,
             out: xtf_train::outdir::OutPaths::direct(&cfg.output.dir),
+            start_scalars: Vec::new(),
         };
         let rep = xtf_train::train::train(&cfg, &mut s, &m, opts).unwrap();
         assert_eq!((rep.steps, rep.skipped_steps), (2, 0));

@@ -112,7 +112,7 @@ fn assert_identical(family: &str, method: &str, packed: bool) {
 
 #[test]
 fn lora_gradients_are_bit_identical_with_dropout() {
-    for family in ["llama", "qwen2", "mistral"] {
+    for family in ["llama", "qwen2", "mistral", "qwen3"] {
         assert_identical(family, "lora", false);
     }
 }
@@ -200,6 +200,7 @@ fn train_run(train_extra: &str, data_extra: &str, dropout: f64) -> (Vec<u8>, Vec
         quiet: true,
         resume: false,
         out: xtf_train::outdir::OutPaths::direct(&cfg.output.dir),
+        start_scalars: Vec::new(),
     };
     let report = xtf_train::train::train(&cfg, &mut s, &LossMask::All, opts).unwrap();
     let adapter = std::fs::read(d.path().join("out/adapter_model.safetensors")).unwrap();

@@ -150,6 +150,14 @@ fn two_ranks_match_one_rank_with_the_same_global_batch() {
             &d.path().join(format!("two-{tag}")),
             &tag,
         );
+        // Rank 0 alone writes the TensorBoard log.
+        let tb = d.path().join(format!("two-{tag}/tensorboard"));
+        assert_eq!(
+            std::fs::read_dir(&tb).unwrap().count(),
+            1,
+            "{}",
+            tb.display()
+        );
     }
 }
 

@@ -33,7 +33,7 @@ fn tok(n: u32) -> Tok {
 
 #[test]
 fn greedy_matches_transformers_generate() {
-    for family in ["llama", "qwen2", "mistral"] {
+    for family in ["llama", "qwen2", "mistral", "qwen3"] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
             .join(family);
@@ -79,7 +79,7 @@ fn naive_greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
 
 #[test]
 fn kv_cache_batch_equals_recomputation() {
-    for family in ["llama", "qwen2", "mistral"] {
+    for family in ["llama", "qwen2", "mistral", "qwen3"] {
         let cfg = small_config(family);
         let model = random_model(&cfg, DType::F32, Trainable::Frozen, 5);
         let prompts = vec![

@@ -820,3 +820,69 @@ fn conversion_removes_what_killed_conversions_left() {
     assert!(left.is_empty(), "{left:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 24: a Qwen3 GGUF (`general.architecture = qwen3`, as llama.cpp's
+/// converter writes it: Q/K rows as in HF, the per-head norms as
+/// `blk.N.attn_{q,k}_norm.weight`) converts to a `qwen3` config.json and
+/// the HF tensors exactly, and loads into the decoder.
+#[test]
+fn tiny_qwen3_converts_with_its_head_norms() {
+    let dir = scratch("qwen3");
+    let tiny = Tiny::new();
+    let path = dir.join("qwen3.gguf");
+    let mut weights = tiny.hf_weights();
+    for l in 0..tiny.layers {
+        for (n, k) in [("q_norm", 0.5f32), ("k_norm", 1.5)] {
+            let v: Vec<f32> = (0..tiny.head_dim).map(|i| k + i as f32 * 0.1).collect();
+            let t = Tensor::from_vec(v, tiny.head_dim, &Device::Cpu).unwrap();
+            weights.push((format!("model.layers.{l}.self_attn.{n}.weight"), t));
+        }
+    }
+    let named: Vec<(String, QTensor)> = weights
+        .iter()
+        .map(|(hf, t)| {
+            let g = match hf.rsplit_once(".self_attn.") {
+                Some((p, n)) if n.ends_with("_norm.weight") => {
+                    format!("blk.{}.attn_{}", p.trim_start_matches("model.layers."), n)
+                }
+                _ => gguf_name(hf),
+            };
+            (g, QTensor::quantize(t, GgmlDType::F32).unwrap())
+        })
+        .collect();
+    let md = tiny.metadata("qwen3");
+    let md_refs: Vec<(&str, &GValue)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(
+        &mut std::fs::File::create(&path).unwrap(),
+        &md_refs,
+        &t_refs,
+    )
+    .unwrap();
+    let out = dir.join("hf");
+    let s = convert(&path, &out, DType::F32).expect("convert");
+    assert_eq!(s.tensors, 2 + 11 * tiny.layers);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "qwen3");
+    assert_eq!(cfg["architectures"][0], "Qwen3ForCausalLM");
+    assert_eq!(cfg["attention_bias"], false);
+    let got = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (name, want) in &weights {
+        let g = got.get(name).unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!(
+            max_diff(g, want),
+            0.0,
+            "{name} differs (qwen3 is not Q/K-permuted)"
+        );
+    }
+    let m = xtf_train::model::Model::load(
+        &out,
+        DType::F32,
+        &Device::Cpu,
+        xtf_train::model::Trainable::Frozen,
+    )
+    .expect("loads");
+    assert_eq!(m.cfg.family, xtf_train::model::Family::Qwen3);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -57,7 +57,7 @@ fn check_var(model: &Model, b: &Batch, name: &str, var: &Var, grad: &Tensor) {
 
 #[test]
 fn full_finetune_gradient_matches_finite_differences() {
-    for family in ["llama", "qwen2", "mistral"] {
+    for family in ["llama", "qwen2", "mistral", "qwen3"] {
         let cfg = small_config(family);
         let model = random_model(&cfg, DType::F64, Trainable::Full, 1);
         let b = batch(&random_examples(3, cfg.vocab_size as u32, 2));
@@ -76,7 +76,7 @@ fn lora_gradient_matches_finite_differences() {
     let cfg = small_config("llama");
     let mut model = random_model(&cfg, DType::F64, Trainable::Full, 3);
     // Freeze the base: rebuild in frozen mode from the same weights.
-    let w = model.named_tensors().into_iter().collect();
+    let w = model.named_tensors().unwrap().into_iter().collect();
     model = Model::from_tensors(
         cfg.clone(),
         w,
@@ -111,6 +111,7 @@ fn lora_gradient_matches_finite_differences() {
     // Frozen base matrices get no gradient at all (FrozenMatmul hides them).
     for (name, t) in model
         .named_tensors()
+        .unwrap()
         .into_iter()
         .filter(|(_, t)| t.rank() == 2)
     {

@@ -59,7 +59,7 @@ fn saved_adapter_reloads_to_identical_logits() {
 #[test]
 fn merged_weight_is_w_plus_scaled_b_times_a() {
     let (mut model, vars, lcfg) = with_random_adapters(2);
-    let base: HashMap<String, Tensor> = model.named_tensors().into_iter().collect();
+    let base: HashMap<String, Tensor> = model.named_tensors().unwrap().into_iter().collect();
     let merged: HashMap<String, Tensor> = lora::merged_tensors(&mut model)
         .unwrap()
         .into_iter()

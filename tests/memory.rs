@@ -29,6 +29,7 @@ fn params(method: Method, dtype: DType, checkpointing: bool) -> PlanParams {
         fused: true,
         ranks: 1,
         zero: 0,
+        quant: None,
     }
 }
 
@@ -322,4 +323,37 @@ fn a_run_that_cannot_fit_stops_naming_the_numbers() {
     ] {
         assert!(err.contains(want), "error lacks {want:?}: {err}");
     }
+}
+
+/// Issue 23: a Q4_0 base counts its 4,608 projection weights at 18 bytes
+/// per 32 (2,592) and the other 1,360 dense f32 (5,440); each product's
+/// dequantised band (8 MiB on the CPU) or largest projection (24·16·4 =
+/// 1,536 bytes elsewhere) joins the activations.
+#[test]
+fn quantised_base_plan_counts_block_bytes() {
+    use candle_core::quantized::GgmlDType;
+    let m = small_config("llama");
+    let dense = params(Method::Lora, DType::F32, false);
+    let q = PlanParams {
+        quant: Some(GgmlDType::Q4_0),
+        ..params(Method::Lora, DType::F32, false)
+    };
+    let (pd, pq) = (
+        MemoryPlan::estimate(&m, &dense),
+        MemoryPlan::estimate(&m, &q),
+    );
+    assert_eq!(pd.weights, 5_968 * 4);
+    assert_eq!(pq.weights, 2_592 + 5_440);
+    assert_eq!(pq.activations, pd.activations + (8 << 20));
+    let gpu = |quant| PlanParams {
+        fused: false,
+        quant,
+        ..params(Method::Lora, DType::F32, false)
+    };
+    let (gd, gq) = (
+        MemoryPlan::estimate(&m, &gpu(None)),
+        MemoryPlan::estimate(&m, &gpu(Some(GgmlDType::Q4_0))),
+    );
+    assert_eq!(gq.activations, gd.activations + 1_536);
+    assert_eq!((gq.grads, gq.optimizer), (gd.grads, gd.optimizer));
 }

@@ -70,7 +70,7 @@ fn packed_batch_carries_positions_segments_and_labels_per_token() {
 #[test]
 fn packed_logits_equal_each_example_run_alone() {
     let dev = device();
-    for family in ["llama", "qwen2", "mistral"] {
+    for family in ["llama", "qwen2", "mistral", "qwen3"] {
         let cfg = small_config(family);
         let model = random_model(&cfg, DType::F32, Trainable::Frozen, 41);
         let e = random_examples(7, cfg.vocab_size as u32, 42);

@@ -40,7 +40,7 @@ fn compare(model: &Model, r: &HashMap<String, Tensor>, key: &str) -> f64 {
 
 #[test]
 fn logits_match_transformers_for_every_family() {
-    for family in ["llama", "qwen2", "mistral"] {
+    for family in ["llama", "qwen2", "mistral", "qwen3"] {
         let (model, r) = common::fixture_model(family);
         let d = compare(&model, &r, "logits");
         assert!(d < 1e-4, "{family}: max |logit diff| = {d}");
@@ -51,7 +51,7 @@ fn logits_match_transformers_for_every_family() {
 fn padded_batch_gives_the_unpadded_logits() {
     // Row 1 of the fixture is right-padded; in one batch its real positions
     // must still match HF's unpadded run.
-    for family in ["llama", "qwen2", "mistral"] {
+    for family in ["llama", "qwen2", "mistral", "qwen3"] {
         let (model, r) = common::fixture_model(family);
         let ids = r["input_ids"]
             .to_dtype(DType::U32)
@@ -121,7 +121,7 @@ fn bf16_logits_stay_within_the_stated_bound_of_transformers() {
     // activations and matmul outputs are rounded to it, softmax and norms
     // run in f32. Bound: max |logit diff| ≤ 0.15 against HF's f32 logits
     // and mean |diff| ≤ 0.03 (measured on CPU: see docs/gpu.md).
-    for family in ["llama", "qwen2", "mistral"] {
+    for family in ["llama", "qwen2", "mistral", "qwen3"] {
         let model =
             Model::load(&fixture(family), DType::BF16, &device(), Trainable::Frozen).unwrap();
         let r = reference(family);

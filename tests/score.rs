@@ -59,7 +59,7 @@ fn kn_and_ri_match_transformers() {
         ),
         ("ri_mean_l0", RiReduce::ReceivedMean, Layers::List(vec![0])),
     ];
-    for family in ["llama", "qwen2", "mistral"] {
+    for family in ["llama", "qwen2", "mistral", "qwen3"] {
         let (model, r, ex) = load(family);
         let refs: Vec<&Example> = ex.iter().collect();
         for (key, reduce, layers) in &variants {
@@ -86,7 +86,7 @@ fn kn_and_ri_match_transformers() {
 
 #[test]
 fn tr_distances_match_transformers() {
-    for family in ["llama", "qwen2", "mistral"] {
+    for family in ["llama", "qwen2", "mistral", "qwen3"] {
         let (model, r, ex) = load(family);
         let refs: Vec<&Example> = ex.iter().collect();
         let mut ids: Vec<u32> = ex.iter().flat_map(|e| e.ids.clone()).collect();

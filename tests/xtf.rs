@@ -270,6 +270,7 @@ fn steps_with_no_unmasked_token_are_skipped_and_counted() {
             quiet: true,
             resume: false,
             out: OutPaths::direct(&cfg.output.dir),
+            start_scalars: Vec::new(),
         },
     )
     .unwrap();

@@ -44,7 +44,12 @@ pub fn load_reference(cfg: &Config, s: &Setup, reference: &str) -> Result<Model>
     let dev = &s.model.device;
     let model = if dir.join("adapter_config.json").is_file() {
         // The run's own base, held as `model.quantize` says.
-        crate::setup::load_model(cfg, &s.model_dir, Some(dir), crate::model::Trainable::Frozen)?
+        crate::setup::load_model(
+            cfg,
+            &s.model_dir,
+            Some(dir),
+            crate::model::Trainable::Frozen,
+        )?
     } else {
         let rdir = crate::model::resolve_model_dir(reference, None, cfg.model.dtype.dtype())?;
         crate::model::lora::load_frozen(&rdir, dtype, dev, None)?

@@ -83,6 +83,19 @@ pub enum Quantize {
     Q4K,
 }
 
+impl std::fmt::Display for Quantize {
+    /// The TOML spelling, for logs and errors.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Quantize::None => "none",
+            Quantize::Keep => "keep",
+            Quantize::Q8_0 => "q8_0",
+            Quantize::Q4_0 => "q4_0",
+            Quantize::Q4K => "q4k",
+        })
+    }
+}
+
 impl Quantize {
     pub fn is_none(&self) -> bool {
         *self == Quantize::None
@@ -241,6 +254,9 @@ pub struct OutputSection {
     /// LoRA only: also write merged full weights to `dir/merged`.
     #[serde(default)]
     pub merge: bool,
+    /// TensorBoard scalars under `dir/tensorboard/` ([`crate::train::tensorboard`]).
+    #[serde(default = "yes")]
+    pub tensorboard: bool,
 }
 
 /// `[xtf]`: token-level noise filtering (see ../shared/xtf-spec.md).

@@ -6,9 +6,9 @@
 //! B zero (so training starts from the base model), base weights frozen.
 
 use crate::error::{Error, Result};
+use crate::model::kernels::quant::{frozen_bwd_tensor, frozen_fwd_storage};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, Var};
-use crate::model::kernels::quant::{frozen_bwd_tensor, frozen_fwd_storage};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -119,7 +119,10 @@ impl CustomOp1 for FrozenMatmul {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (m, n, k, l, wt, out) = self.dims(l)?;
-        let w = self.w.tensor(&candle_core::Device::Cuda(s.device().clone()))?.contiguous()?;
+        let w = self
+            .w
+            .tensor(&candle_core::Device::Cuda(s.device().clone()))?
+            .contiguous()?;
         let wt = offset(&w, wt)?;
         let (ws, _) = w.storage_and_layout();
         let Storage::Cuda(ws) = &*ws else {
@@ -134,7 +137,10 @@ impl CustomOp1 for FrozenMatmul {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
         let (m, n, k, l, wt, out) = self.dims(l)?;
-        let w = self.w.tensor(&candle_core::Device::Metal(s.device().clone()))?.contiguous()?;
+        let w = self
+            .w
+            .tensor(&candle_core::Device::Metal(s.device().clone()))?
+            .contiguous()?;
         let wt = offset(&w, wt)?;
         let (ws, _) = w.storage_and_layout();
         let Storage::Metal(ws) = &*ws else {

@@ -153,6 +153,10 @@ pub fn load_weights_quantized(
     use crate::model::{quant, Weight};
     let dense = load_weights(dir, &Device::Cpu)?;
     let mut out = HashMap::with_capacity(dense.len());
+    // In name order: the first tensor that cannot be quantised is always
+    // the same one.
+    let mut dense: Vec<_> = dense.into_iter().collect();
+    dense.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, t) in dense {
         let w = match is_projection(&name) {
             true => Weight::Quant(quant::quantize_one(&t, dtype, &name)?),
@@ -237,6 +241,11 @@ fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             ("post_attention_layernorm.weight", vec![h]),
         ] {
             shapes.push((format!("{p}.{n}"), s));
+        }
+        if cfg.family.has_qk_norm() {
+            for n in ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] {
+                shapes.push((format!("{p}.{n}"), vec![hd]));
+            }
         }
     }
     shapes
@@ -325,7 +334,11 @@ fn converted_gguf(file: &Path, dtype: Option<DType>) -> Result<PathBuf> {
         .prefix(".converting-")
         .tempdir_in(parent)
         .map_err(|e| Error::io(parent, e))?;
-    tracing::info!("converting {} to {} ({kind})", file.display(), dir.display());
+    tracing::info!(
+        "converting {} to {} ({kind})",
+        file.display(),
+        dir.display()
+    );
     let started = std::time::Instant::now();
     match dtype {
         Some(dtype) => crate::model::gguf::convert(file, tmp.path(), dtype)?,

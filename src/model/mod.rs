@@ -15,10 +15,10 @@ pub mod lora;
 pub mod quant;
 
 pub use linear::{Fwd, Linear};
-pub use quant::Weight;
 pub use load::{
     load_config, load_weights, random_weights, random_weights_on, resolve_model_dir, weight_files,
 };
+pub use quant::Weight;
 
 use crate::error::{Error, Result};
 use crate::model::kernels::{merge_heads, split_heads, AttnMask};
@@ -35,6 +35,9 @@ pub enum Family {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen3 (dense): Qwen2's layout without q/k/v biases, plus a per-head
+    /// RMSNorm on q and k before RoPE.
+    Qwen3,
 }
 
 impl Family {
@@ -44,7 +47,14 @@ impl Family {
             Self::Llama => "llama",
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
         }
+    }
+
+    /// A per-head RMSNorm on q and k before RoPE (`self_attn.q_norm`,
+    /// `k_norm`).
+    pub fn has_qk_norm(self) -> bool {
+        self == Self::Qwen3
     }
 
     /// `config.json`'s `architectures` entry (the transformers class).
@@ -53,6 +63,7 @@ impl Family {
             Self::Llama => "LlamaForCausalLM",
             Self::Mistral => "MistralForCausalLM",
             Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 }
@@ -158,9 +169,10 @@ impl ModelConfig {
             Some("llama") => Family::Llama,
             Some("mistral") => Family::Mistral,
             Some("qwen2") => Family::Qwen2,
+            Some("qwen3") => Family::Qwen3,
             other => {
                 return Err(err(format!(
-                    "unsupported model_type {other:?} (supported: llama, mistral, qwen2)"
+                    "unsupported model_type {other:?} (supported: llama, mistral, qwen2, qwen3)"
                 )))
             }
         };
@@ -181,10 +193,11 @@ impl ModelConfig {
         }
         let sliding_window = match family {
             Family::Mistral => opt_usize("sliding_window"),
-            Family::Qwen2 if opt_bool("use_sliding_window").unwrap_or(false) => {
-                return Err(err(
-                    "qwen2 use_sliding_window = true is not supported".into()
-                ))
+            Family::Qwen2 | Family::Qwen3 if opt_bool("use_sliding_window").unwrap_or(false) => {
+                return Err(err(format!(
+                    "{} use_sliding_window = true is not supported",
+                    family.model_type()
+                )))
             }
             _ => None,
         };
@@ -201,8 +214,10 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             tie_word_embeddings: opt_bool("tie_word_embeddings").unwrap_or(false),
-            qkv_bias: family == Family::Qwen2 || (family == Family::Llama && attention_bias),
-            o_bias: family == Family::Llama && attention_bias,
+            // Qwen3's `attention_bias` covers q/k/v and o alike, as Llama's.
+            qkv_bias: family == Family::Qwen2
+                || (matches!(family, Family::Llama | Family::Qwen3) && attention_bias),
+            o_bias: matches!(family, Family::Llama | Family::Qwen3) && attention_bias,
             mlp_bias: family == Family::Llama && opt_bool("mlp_bias").unwrap_or(false),
             sliding_window,
             max_position_embeddings,
@@ -267,6 +282,9 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Qwen3: RMSNorm weights (head_dim,) applied to each head of q and k
+    /// before RoPE.
+    qk_norm: Option<(Tensor, Tensor)>,
 }
 
 struct Mlp {
@@ -440,17 +458,26 @@ impl Model {
                 };
                 linear(wt, b)
             };
-            let attn = Attention {
-                q: lin("self_attn.q_proj", nh * hd, h, cfg.qkv_bias)?,
-                k: lin("self_attn.k_proj", nkv * hd, h, cfg.qkv_bias)?,
-                v: lin("self_attn.v_proj", nkv * hd, h, cfg.qkv_bias)?,
-                o: lin("self_attn.o_proj", h, nh * hd, cfg.o_bias)?,
+            let q = lin("self_attn.q_proj", nh * hd, h, cfg.qkv_bias)?;
+            let k = lin("self_attn.k_proj", nkv * hd, h, cfg.qkv_bias)?;
+            let v = lin("self_attn.v_proj", nkv * hd, h, cfg.qkv_bias)?;
+            let o = lin("self_attn.o_proj", h, nh * hd, cfg.o_bias)?;
+            let mut attn = Attention {
+                q,
+                k,
+                v,
+                o,
+                qk_norm: None,
             };
             let mlp = Mlp {
                 gate: lin("mlp.gate_proj", i, h, cfg.mlp_bias)?,
                 up: lin("mlp.up_proj", i, h, cfg.mlp_bias)?,
                 down: lin("mlp.down_proj", h, i, cfg.mlp_bias)?,
             };
+            if cfg.family.has_qk_norm() {
+                let mut head = |n: &str| take(format!("{p}.self_attn.{n}.weight"), &[hd]);
+                attn.qk_norm = Some((head("q_norm")?.dense(dtype)?, head("k_norm")?.dense(dtype)?));
+            }
             let mut norm = |name: String| take(name, &[h])?.dense(dtype);
             layers.push(Layer {
                 input_norm: norm(format!("{p}.input_layernorm.weight"))?,
@@ -504,6 +531,10 @@ impl Model {
                 format!("{p}.post_attention_layernorm.weight"),
                 layer.post_norm.clone(),
             ));
+            if let Some((qn, kn)) = &layer.attn.qk_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), qn.clone()));
+                out.push((format!("{p}.self_attn.k_norm.weight"), kn.clone()));
+            }
             for (sub, name, lin) in layer.linears() {
                 out.push((format!("{p}.{sub}.{name}.weight"), lin.dense_weight()?));
                 if let Some(b) = &lin.bias {
@@ -534,6 +565,13 @@ impl Model {
             Embed::Dense(t) => t.index_select(ids, 0)?,
             Embed::Quant(q) => q.embedding(ids)?.to_dtype(self.dtype)?,
         })
+    }
+
+    /// The block format of the first layer's q_proj when it is held
+    /// quantised (`model.quantize`), for the memory plan.
+    pub fn projection_format(&self) -> Option<candle_core::quantized::GgmlDType> {
+        let q = self.layers.first()?.attn.q.quant.as_ref()?;
+        Some(q.0.dtype())
     }
 
     /// Bytes the base weights hold (block formats at their stored size).
@@ -691,11 +729,9 @@ impl Model {
     /// Token embeddings (B, T, H) of ids (B, T): the first layer's input.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(self.embed_rows(&ids.flatten_all()?)?.reshape((
-            b,
-            t,
-            self.cfg.hidden_size,
-        ))?)
+        Ok(self
+            .embed_rows(&ids.flatten_all()?)?
+            .reshape((b, t, self.cfg.hidden_size))?)
     }
 
     /// Decoder layer `l` on its input `x` (B, T, H): attention then MLP, each
@@ -774,8 +810,14 @@ impl Model {
         // Split into heads with RoPE applied (one op each on the CPU:
         // kernels::heads).
         let rope = Some((cos, sin));
-        let q = split_heads(&a.q.forward(x, fwd)?, c.num_heads, rope)?;
-        let mut k = split_heads(&a.k.forward(x, fwd)?, c.num_kv_heads, rope)?;
+        let (mut q, mut k) = (a.q.forward(x, fwd)?, a.k.forward(x, fwd)?);
+        if let Some((qn, kn)) = &a.qk_norm {
+            // Qwen3: RMSNorm over each head's head_dim, before RoPE.
+            q = head_norm(&q, qn, c.num_heads, c.rms_norm_eps)?;
+            k = head_norm(&k, kn, c.num_kv_heads, c.rms_norm_eps)?;
+        }
+        let q = split_heads(&q, c.num_heads, rope)?;
+        let mut k = split_heads(&k, c.num_kv_heads, rope)?;
         let mut v = split_heads(&a.v.forward(x, fwd)?, c.num_kv_heads, None)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         if cache.is_none() {
@@ -874,6 +916,14 @@ impl Layer {
 /// candle's composite ops elsewhere.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(kernels::rms_norm(x, w, eps)?)
+}
+
+/// RMSNorm of each of the `n` heads of `x` (B, T, n·D) with weight (D,):
+/// a view as (B, T, n, D), normed over D, viewed back.
+fn head_norm(x: &Tensor, w: &Tensor, n: usize, eps: f64) -> Result<Tensor> {
+    let (b, t, nd) = x.dims3()?;
+    let y = rms_norm(&x.reshape((b, t, n, nd / n))?, w, eps)?;
+    Ok(y.reshape((b, t, nd))?)
 }
 
 /// f32 for every weight dtype except f64.

@@ -12,7 +12,8 @@
 //! no copy), per layer:
 //!
 //! - RMSNorm, twice ([`norm_bytes`]): fused (CPU) its output `N·H·e`;
-//!   composite `N·H·(2c + e) + cast(N·H·(c + e)) + 4·N·c`
+//!   composite `N·H·(2c + e) + cast(N·H·(c + e)) + 4·N·c`; Qwen3 adds one
+//!   per head of q and of k (rows of head_dim)
 //! - q/k/v/o, gate/up/down: the product `N·out·e` (+ bias `N·out·e`); with
 //!   a LoRA adapter also `N·r·c + 2·N·out·c + N·out·e + cast(N·in·c + N·out·e)`
 //!   and, with dropout, `2·N·in·c` (mask and product) — as one fused op
@@ -46,10 +47,18 @@
 //! Optimizer side: gradients in the parameter dtype (twice with gradient
 //! accumulation: the step's sum and the micro-batch's), AdamW moments in
 //! f32 (8 bytes/param) and an f32 master copy for bf16/f16 parameters.
+//!
+//! A quantised base (`model.quantize`, LoRA only): the seven projections
+//! take the format's bytes per weight (`type_size / block_size`: Q8_0 34/32,
+//! Q4_0 18/32, Q4_K 144/256), everything else `e`; each frozen product
+//! dequantises its weight while it runs, one 8 MiB band on the CPU, the
+//! whole largest projection `out·in·e` elsewhere, added to the activations.
+//! [`check`] replaces the weights term with the loaded model's exact bytes.
 
 use crate::config::{Config, Method};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
+use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 
 /// What the estimate depends on besides the model config.
@@ -70,6 +79,9 @@ pub struct PlanParams {
     pub ranks: usize,
     /// ZeRO stage (`train.zero`): 2 splits optimizer state and gradients.
     pub zero: u8,
+    /// The block format the frozen projections are held in
+    /// (`model.quantize`); `None` for dense weights.
+    pub quant: Option<GgmlDType>,
 }
 
 impl PlanParams {
@@ -90,6 +102,8 @@ impl PlanParams {
                 .is_none_or(|d| d == crate::config::DeviceSpec::Cpu),
             ranks: crate::dist::world().size(),
             zero: cfg.train.zero,
+            // `keep` takes the GGUF's formats: [`check`] reads them off the model.
+            quant: cfg.model.quantize.ggml(),
         }
     }
 }
@@ -158,8 +172,31 @@ impl MemoryPlan {
             false => n * h * e + layers * per_layer + head + working,
             true => layers * n * h * e + n * h * c + per_layer.max(head) + working,
         };
+        // A block-format base: projections at the format's bytes per weight
+        // (Q4_0 4.5 bits, Q8_0 8.5), the rest dense; each frozen product
+        // dequantises its weight: a band on the CPU, the whole matrix (the
+        // largest one, transient) elsewhere.
+        let (weights, dequant) = match p.quant {
+            None => (n_weights * e, 0),
+            Some(q) => {
+                let proj: u64 =
+                    layers * linear_shapes(m).iter().map(|l| l.inp * l.out).sum::<u64>();
+                let packed = (proj * q.type_size() as u64).div_ceil(q.block_size() as u64);
+                let largest = linear_shapes(m)
+                    .iter()
+                    .map(|l| l.inp * l.out)
+                    .max()
+                    .unwrap_or(0);
+                let dequant = match p.fused {
+                    true => crate::model::kernels::quant::BAND_BYTES as u64,
+                    false => largest * e,
+                };
+                ((n_weights - proj) * e + packed, dequant)
+            }
+        };
+        let activations = activations + dequant;
         Self {
-            weights: n_weights * e,
+            weights,
             trainable_params: trainable,
             grads,
             optimizer,
@@ -286,9 +323,18 @@ fn linear_shapes(m: &ModelConfig) -> [LinearShape; 7] {
 /// Log the plan for this run; on CUDA, stop when what is still to be
 /// allocated (everything but the weights, already loaded) exceeds the
 /// card's free memory.
-pub fn check(cfg: &Config, m: &ModelConfig, device: &candle_core::Device) -> Result<MemoryPlan> {
-    let p = PlanParams::from_config(cfg);
-    let plan = MemoryPlan::estimate(m, &p);
+pub fn check(cfg: &Config, model: &crate::model::Model) -> Result<MemoryPlan> {
+    let (m, device) = (&model.cfg, &model.device);
+    let mut p = PlanParams::from_config(cfg);
+    if p.quant.is_none() {
+        p.quant = model.projection_format();
+    }
+    let mut plan = MemoryPlan::estimate(m, &p);
+    if p.quant.is_some() {
+        // Formats may differ per tensor (a GGUF's Q6_K head, say): what is
+        // loaded is exact.
+        plan.weights = model.weight_bytes();
+    }
     plan.log(&p);
     match free_memory(device) {
         Some((free, total)) => fits(cfg, &p, &plan, free, total)?,
@@ -372,7 +418,12 @@ fn param_counts(m: &ModelConfig, p: &PlanParams) -> (u64, u64) {
         .iter()
         .map(|l| l.inp * l.out + if l.bias { l.out } else { 0 })
         .sum::<u64>()
-        + 2 * h;
+        + 2 * h
+        + if m.family.has_qk_norm() {
+            2 * m.head_dim as u64
+        } else {
+            0
+        };
     let n_weights = v * h * (1 + !m.tie_word_embeddings as u64) + h + layers * per_layer_weights;
     let r = p.lora_r as u64;
     let trainable = match p.method {
@@ -443,5 +494,10 @@ fn layer_activation_bytes(m: &ModelConfig, p: &PlanParams) -> u64 {
         ),
     };
     let rest = attn_out + 2 * n * h * e + swiglu_bytes(n * i, e, p.fused);
-    2 * norm + linear_acts + heads + rope + gqa + attn + rest
+    // Qwen3's per-head q/k RMSNorm: rows of head_dim.
+    let qk_norm = match m.family.has_qk_norm() {
+        true => norm_bytes(n * nh, hd, e, p.fused) + norm_bytes(n * nkv, hd, e, p.fused),
+        false => 0,
+    };
+    2 * norm + qk_norm + linear_acts + heads + rope + gqa + attn + rest
 }

@@ -10,6 +10,7 @@ pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod recompute;
+pub mod tensorboard;
 pub mod zero;
 
 pub use mask::LossMask;
@@ -240,6 +241,8 @@ pub struct RunOptions {
     pub resume: bool,
     /// Outputs to `out.stage`, checkpoints to `out.dir`.
     pub out: OutPaths,
+    /// Scalars for TensorBoard at step 0 (the scoring pass's shares).
+    pub start_scalars: Vec<(String, f64)>,
 }
 
 /// Train per the config: checkpoints in `run.out.dir`, every other output
@@ -402,6 +405,8 @@ fn check_finite(vars: &[(String, Var)]) -> Result<()> {
 struct RunLog {
     rng: ChaCha8Rng,
     metrics: Metrics,
+    /// TensorBoard scalars (rank 0, `output.tensorboard`).
+    board: tensorboard::Board,
     bar: indicatif::ProgressBar,
     quiet: bool,
     /// `output.dir`: checkpoints.
@@ -440,7 +445,12 @@ impl RunLog {
         run: &RunOptions,
         settings: BTreeMap<String, String>,
     ) -> Result<Self> {
-        let RunOptions { quiet, resume, out } = run;
+        let RunOptions {
+            quiet,
+            resume,
+            out,
+            start_scalars,
+        } = run;
         let w = crate::dist::world();
         if w.is_main() {
             for d in [&out.dir, &out.stage] {
@@ -457,6 +467,10 @@ impl RunLog {
         let mut log = Self {
             rng,
             metrics: Metrics::new(out.stage.join("metrics.jsonl")),
+            board: match w.is_main() && cfg.output.tensorboard {
+                true => tensorboard::Board::open(&out.dir.join("tensorboard"))?,
+                false => tensorboard::Board::disabled(),
+            },
             bar: crate::io::progress(steps as u64, *quiet || !w.is_main()),
             quiet: *quiet,
             main: w.is_main(),
@@ -505,6 +519,9 @@ impl RunLog {
                 log.out.display()
             ),
             None => {}
+        }
+        for (tag, v) in start_scalars {
+            log.board.scalar(tag, 0, *v);
         }
         log.bar.set_position(log.start as u64);
         tracing::info!(
@@ -598,7 +615,10 @@ impl RunLog {
                 );
             }
             match self.main {
-                true => self.metrics.push(m)?,
+                true => {
+                    self.board.step(&m);
+                    self.metrics.push(m)?
+                }
                 false => self.metrics.lines.push(m),
             }
         }

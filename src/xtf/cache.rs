@@ -35,7 +35,12 @@ fn weight_identity(path: &Path) -> Result<String> {
     h.update(len.to_le_bytes());
     let mut head = [0u8; 8];
     f.read_exact(&mut head).map_err(|e| Error::io(path, e))?;
-    let header_len = u64::from_le_bytes(head).min(len);
+    // safetensors: the JSON header; a GGUF: its first MiB (metadata and
+    // tensor infos).
+    let header_len = match &head[..4] == b"GGUF" {
+        true => (1u64 << 20).min(len) - 8,
+        false => u64::from_le_bytes(head).min(len),
+    };
     let mut header = vec![0u8; header_len as usize];
     f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
     h.update(&header);
@@ -57,7 +62,12 @@ pub fn key(
     examples: &[Example],
     opts: &ScoreOptions,
 ) -> Result<String> {
-    let weights = crate::model::weight_files(model_dir)?
+    // `keep` trains on the GGUF itself: its identity keys the scores.
+    let files = match cfg.model.quantize {
+        crate::config::Quantize::Keep => vec![std::path::PathBuf::from(&cfg.model.path)],
+        _ => crate::model::weight_files(model_dir)?,
+    };
+    let weights = files
         .iter()
         .map(|p| {
             Ok((
@@ -77,7 +87,7 @@ pub fn key(
         }
     }
     let d = &cfg.data;
-    let parts = serde_json::json!({
+    let mut parts = serde_json::json!({
         "format": FORMAT,
         "model_config": sha_file(&model_dir.join("config.json"))?,
         "weights": weights,
@@ -96,6 +106,11 @@ pub fn key(
         "domain_words": opts.domain_words,
         "token_ids": format!("{:x}", ids.finalize()),
     });
+    if !cfg.model.quantize.is_none() {
+        // A quantised base scores differently from the dense one (q8_0…);
+        // dense runs keep their earlier keys.
+        parts["quantize"] = cfg.model.quantize.to_string().into();
+    }
     Ok(format!(
         "{:x}",
         Sha256::digest(parts.to_string().as_bytes())

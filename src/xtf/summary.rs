@@ -63,6 +63,23 @@ pub struct Summary {
     pub top_masked: Vec<MaskedToken>,
 }
 
+impl Summary {
+    /// The shares TensorBoard shows at step 0: per attribute flagged
+    /// (after the cap, as masked) and by its rule alone, and the masked
+    /// share of all label tokens.
+    pub fn scalars(&self) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        for (name, a) in [("ri", &self.ri), ("kn", &self.kn), ("tr", &self.tr)] {
+            if a.enabled {
+                out.push((format!("xtf/{name}_flagged_share"), a.share));
+                out.push((format!("xtf/{name}_rule_share"), a.share_before_cap));
+            }
+        }
+        out.push(("xtf/masked_share".into(), self.masked_share));
+        out
+    }
+}
+
 fn share(n: usize, d: usize) -> f64 {
     if d == 0 {
         0.0

@@ -29,7 +29,7 @@ pub fn small_config(family: &str) -> ModelConfig {
         "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 6, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "max_position_embeddings": 64, "tie_word_embeddings": family == "qwen2",
+        "max_position_embeddings": 64, "tie_word_embeddings": family == "qwen2" || family == "qwen3",
     });
     if family == "mistral" {
         v["sliding_window"] = 3.into();

@@ -65,7 +65,8 @@ impl GgufFile {
         // As llama.cpp and transformers decide it: biases are there when
         // their tensors are; no output matrix means a tied head.
         let attention_bias = self.has_tensor("blk.0.attn_q.bias");
-        let llama = self.family == Family::Llama;
+        // Llama and Qwen3 have the bias switch (`attention_bias`) over q/k/v/o.
+        let llama = matches!(self.family, Family::Llama | Family::Qwen3);
         let mut cfg = ModelConfig {
             family: self.family,
             vocab_size: self.vocab_size(hidden_size)?,
@@ -236,6 +237,11 @@ impl GgufFile {
             Family::Qwen2 => {
                 c.insert("use_sliding_window".into(), json!(false));
                 c.insert("max_window_layers".into(), json!(cfg.num_layers));
+            }
+            Family::Qwen3 => {
+                c.insert("use_sliding_window".into(), json!(false));
+                c.insert("max_window_layers".into(), json!(cfg.num_layers));
+                c.insert("attention_bias".into(), json!(cfg.o_bias));
             }
         }
         Ok(Value::Object(c))

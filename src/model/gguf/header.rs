@@ -15,6 +15,7 @@ fn family_of(name: &str) -> Option<Family> {
         "llama" => Some(Family::Llama),
         "mistral" => Some(Family::Mistral),
         "qwen2" => Some(Family::Qwen2),
+        "qwen3" => Some(Family::Qwen3),
         _ => None,
     }
 }

@@ -56,7 +56,7 @@ pub enum GgufError {
     NotGguf { path: PathBuf, reason: String },
     #[error("{}: file is truncated: {reason}", path.display())]
     Truncated { path: PathBuf, reason: String },
-    #[error("{}: unsupported architecture {arch:?} (supported: llama, mistral, qwen2)", path.display())]
+    #[error("{}: unsupported architecture {arch:?} (supported: llama, mistral, qwen2, qwen3)", path.display())]
     UnsupportedArchitecture { path: PathBuf, arch: String },
     #[error("{}: tensor {tensor:?} uses quantisation type {kind}, which candle cannot dequantise", path.display())]
     UnsupportedQuantisation {
@@ -171,8 +171,8 @@ fn convert_parts(
     ];
     let staged: Vec<(PathBuf, PathBuf)> = names[..if weights { 5 } else { 4 }]
         .iter()
-    .map(|name| (out_dir.join(format!(".{name}.partial")), out_dir.join(name)))
-    .collect();
+        .map(|name| (out_dir.join(format!(".{name}.partial")), out_dir.join(name)))
+        .collect();
     let put_json = |path: &Path, v: &Value| -> Result<()> {
         let text = serde_json::to_string_pretty(v).map_err(|e| write_err(path, e))?;
         std::fs::write(path, text + "\n").map_err(|e| write_err(path, e))

@@ -207,6 +207,10 @@ impl GgufFile {
             put("ffn_gate.weight", vec![i, h]);
             put("ffn_up.weight", vec![i, h]);
             put("ffn_down.weight", vec![h, i]);
+            if cfg.family.has_qk_norm() {
+                put("attn_q_norm.weight", vec![cfg.head_dim]);
+                put("attn_k_norm.weight", vec![cfg.head_dim]);
+            }
             if cfg.qkv_bias {
                 put("attn_q.bias", vec![q]);
                 put("attn_k.bias", vec![kv]);
@@ -245,7 +249,7 @@ impl GgufFile {
             return Err(tensor_err(
                 &self.path,
                 extra,
-                "not part of a dense llama/mistral/qwen2 decoder; refusing to drop it",
+                "not part of a dense llama/mistral/qwen2/qwen3 decoder; refusing to drop it",
             ));
         }
         expected
@@ -282,6 +286,8 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         "attn_norm" if kind == "weight" => "input_layernorm",
+        "attn_q_norm" if kind == "weight" => "self_attn.q_norm",
+        "attn_k_norm" if kind == "weight" => "self_attn.k_norm",
         "ffn_norm" if kind == "weight" => "post_attention_layernorm",
         _ => return None,
     };

@@ -41,7 +41,7 @@ pub mod cross_entropy;
 pub mod heads;
 pub(crate) mod linear;
 pub mod norm;
-pub(crate) mod quant;
+pub mod quant;
 pub mod swiglu;
 
 pub use attention::attention;

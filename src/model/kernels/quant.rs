@@ -14,7 +14,7 @@ use candle_core::{bail, Result};
 use std::ops::Range;
 
 /// Dense bytes (f32) of one dequantised band of W.
-pub(crate) const BAND_BYTES: usize = 8 << 20;
+pub const BAND_BYTES: usize = 8 << 20;
 
 /// Row bands of an (n, k) weight of at most [`BAND_BYTES`] each.
 fn bands(n: usize, k: usize) -> impl Iterator<Item = Range<usize>> {
@@ -30,9 +30,16 @@ fn band<E: GemmElem>(q: &QTensor, rows: Range<usize>) -> Result<Vec<E>> {
 }
 
 /// `y (m, n) = x (m, k) · Wᵀ` for the (n, k) block-format `q`.
-pub(crate) fn x_wt<E: GemmElem>(x: &[E], q: &QTensor, (m, n, k): (usize, usize, usize)) -> Result<Vec<E>> {
+pub(crate) fn x_wt<E: GemmElem>(
+    x: &[E],
+    q: &QTensor,
+    (m, n, k): (usize, usize, usize),
+) -> Result<Vec<E>> {
     if q.shape().dims() != [n, k] || x.len() < m * k {
-        bail!("quantised matmul: x {m}×{k} and W {:?} do not fit", q.shape().dims());
+        bail!(
+            "quantised matmul: x {m}×{k} and W {:?} do not fit",
+            q.shape().dims()
+        );
     }
     let par = parallelism();
     try_build(m * n, |y| {
@@ -43,7 +50,16 @@ pub(crate) fn x_wt<E: GemmElem>(x: &[E], q: &QTensor, (m, n, k): (usize, usize, 
             // the bands cover each column once, so every element is written.
             unsafe {
                 let dst = (y.as_mut_ptr() as *mut E).add(r.start);
-                gemm_raw(dst, n, false, (m, r.len(), k), Mat::rows(x, k), Mat::t(&w, k), 1.0, par)?;
+                gemm_raw(
+                    dst,
+                    n,
+                    false,
+                    (m, r.len(), k),
+                    Mat::rows(x, k),
+                    Mat::t(&w, k),
+                    1.0,
+                    par,
+                )?;
             }
         }
         Ok(())
@@ -51,16 +67,27 @@ pub(crate) fn x_wt<E: GemmElem>(x: &[E], q: &QTensor, (m, n, k): (usize, usize, 
 }
 
 /// `dx (m, k) = g (m, n) · W` for the (n, k) block-format `q`.
-pub(crate) fn g_w<E: GemmElem>(g: &[E], q: &QTensor, (m, n, k): (usize, usize, usize)) -> Result<Vec<E>> {
+pub(crate) fn g_w<E: GemmElem>(
+    g: &[E],
+    q: &QTensor,
+    (m, n, k): (usize, usize, usize),
+) -> Result<Vec<E>> {
     if q.shape().dims() != [n, k] || g.len() < m * n {
-        bail!("quantised matmul: g {m}×{n} and W {:?} do not fit", q.shape().dims());
+        bail!(
+            "quantised matmul: g {m}×{n} and W {:?} do not fit",
+            q.shape().dims()
+        );
     }
     let par = parallelism();
     try_build(m * k, |dx| {
         for (i, r) in bands(n, k).enumerate() {
             let w = band::<E>(q, r.clone())?;
             // g's columns of this band: a strided (m, len) view.
-            let gb = Mat { data: &g[r.start..], rs: n, cs: 1 };
+            let gb = Mat {
+                data: &g[r.start..],
+                rs: n,
+                cs: 1,
+            };
             gemm_into(dx, i > 0, (m, k, r.len()), gb, Mat::rows(&w, k), 1.0, par)?;
         }
         Ok(())
@@ -93,7 +120,13 @@ pub(crate) fn frozen_g_w<E: GemmElem>(
     match w {
         crate::model::linear::Frozen::Quant(q, _) => g_w(g, q, (m, n, k)),
         crate::model::linear::Frozen::Dense(w) => with_slice::<E, _>(w, |w| {
-            product((m, k, n), Mat::rows(g, n), Mat::rows(w, k), 1.0, parallelism())
+            product(
+                (m, k, n),
+                Mat::rows(g, n),
+                Mat::rows(w, k),
+                1.0,
+                parallelism(),
+            )
         }),
     }
 }
