@@ -97,6 +97,22 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Write a GGUF file for llama.cpp / Ollama / LM Studio from an HF-format
+    /// model (a full fine-tuning output, or the base of a LoRA adapter given
+    /// with --adapter, which is merged in).
+    Export {
+        /// HF-format model directory, Hub repo id, or .gguf (as model.path).
+        #[arg(long)]
+        model: String,
+        /// PEFT adapter directory to merge into the model first.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Tensor type of the weight matrices (f32 | f16 | bf16 | q8_0 | q4_0).
+        #[arg(long = "type", default_value = "f16")]
+        ty: String,
+    },
     /// Check every collective on awkward sizes across the ranks of an MPI
     /// launch (`mpirun -np 3 xtf-train dist-selftest`).
     #[command(hide = true)]
@@ -217,6 +233,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.cmd {
         Some(Cmd::Convert { gguf, out, dtype }) => convert(&gguf, &out, &dtype)?,
+        Some(Cmd::Export {
+            model,
+            adapter,
+            out,
+            ty,
+        }) => export(&model, adapter.as_deref(), &out, &ty)?,
         Some(Cmd::DistSelftest { device }) => {
             let line = xtf_train::dist::selftest::run(&device)?;
             if xtf_train::dist::world().is_main() {
@@ -306,6 +328,37 @@ fn convert(gguf: &Path, out: &Path, dtype: &str) -> anyhow::Result<()> {
         s.family.model_type(),
         s.tensors,
         s.parameters,
+        out.display()
+    );
+    Ok(())
+}
+
+fn export(model: &str, adapter: Option<&Path>, out: &Path, ty: &str) -> anyhow::Result<()> {
+    use candle_core::quantized::GgmlDType;
+    let ty = match ty {
+        "f32" => GgmlDType::F32,
+        "f16" => GgmlDType::F16,
+        "bf16" => GgmlDType::BF16,
+        "q8_0" => GgmlDType::Q8_0,
+        "q4_0" => GgmlDType::Q4_0,
+        other => anyhow::bail!("--type: expected f32, f16, bf16, q8_0 or q4_0, got {other:?}"),
+    };
+    let dir = xtf_train::model::resolve_model_dir(model, None, candle_core::DType::F32)?;
+    let s = xtf_train::model::gguf::export::export(&dir, adapter, out, ty)?;
+    if !s.fallbacks.is_empty() {
+        eprintln!(
+            "note: {} matrices written as f16 (rows not whole {ty:?} blocks), e.g. {}",
+            s.fallbacks.len(),
+            s.fallbacks[0]
+        );
+    }
+    println!(
+        "{}{}: {} ({} tensors, {:.1} MiB) -> {}",
+        dir.display(),
+        adapter.map_or(String::new(), |a| format!(" + {}", a.display())),
+        s.arch,
+        s.tensors,
+        s.bytes as f64 / (1u64 << 20) as f64,
         out.display()
     );
     Ok(())

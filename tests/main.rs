@@ -14,6 +14,7 @@ mod controlled;
 mod data;
 mod dist;
 mod eval;
+mod export;
 mod filter;
 mod formats;
 mod fused;

@@ -167,6 +167,9 @@ fn quantised_lora_layer_gradients_match_finite_differences() {
     }
 }
 
+/// A model with its LoRA variables.
+type Adapted = (Model, Vec<(String, Var)>);
+
 /// A decoder whose dims are multiples of 256 (Q4_K's block).
 fn block_config() -> ModelConfig {
     let v = serde_json::json!({
@@ -185,10 +188,7 @@ fn is_projection(name: &str) -> bool {
 
 /// The same random model twice: projections in `fmt`, and dense with those
 /// projections dequantised; LoRA attached to both with the same seed.
-fn twin_models(
-    fmt: GgmlDType,
-    dt: DType,
-) -> ((Model, Vec<(String, Var)>), (Model, Vec<(String, Var)>)) {
+fn twin_models(fmt: GgmlDType, dt: DType) -> (Adapted, Adapted) {
     let cfg = block_config();
     let w = xtf_train::model::random_weights(&cfg, 11).unwrap();
     let (mut qw, mut dw) = (HashMap::new(), HashMap::new());

@@ -26,6 +26,7 @@
 //! Every problem with the input is a [`GgufError`] naming the file; nothing here
 
 mod config;
+pub mod export;
 mod header;
 mod template;
 mod tensors;
