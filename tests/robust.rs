@@ -95,7 +95,28 @@ fn a_huge_lr_stops_with_an_error_and_writes_no_adapter() {
         "{e}"
     );
     assert!(stderr(&o).contains("step 2: loss NaN | grad_norm NaN: not finite; step skipped"));
-    assert!(!out.exists(), "a failed fresh run leaves no output dir");
+    // A failed fresh run leaves no outputs — only its TensorBoard log
+    // (issue 24: the curve of what went wrong, written in place), which
+    // `tensorboard = false` turns off.
+    assert_eq!(
+        names(&out),
+        ["tensorboard"],
+        "a failed fresh run leaves only its log"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+    let quiet = config(
+        d.path(),
+        &good_data(d.path()),
+        &out,
+        "max_steps = 6\nlr = 1e28",
+    );
+    let text = std::fs::read_to_string(&quiet).unwrap() + "tensorboard = false\n";
+    std::fs::write(&quiet, text).unwrap();
+    assert!(!run(&quiet, &[]).status.success());
+    assert!(
+        !out.exists(),
+        "a failed fresh run without a log leaves no output dir"
+    );
 
     // With a previous run's outputs there, they stay as they were.
     let good = config(d.path(), &good_data(d.path()), &out, "max_steps = 2");
