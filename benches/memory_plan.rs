@@ -54,39 +54,55 @@ fn gib(b: u64) -> String {
     format!("{:.1}", b as f64 / (1u64 << 30) as f64)
 }
 
+/// The Qwen2-shaped config of one row of [`MODELS`].
+fn config((name, h, i, l, nh, nkv, v, tied): Shape) -> ModelConfig {
+    let cfg = serde_json::json!({
+        "model_type": "qwen2", "hidden_size": h, "intermediate_size": i,
+        "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nkv,
+        "vocab_size": v, "tie_word_embeddings": tied, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 131072
+    });
+    ModelConfig::from_json(&cfg, std::path::Path::new(name)).expect("config")
+}
+
+/// LoRA r 8 on all seven projections, bf16, checkpointing, one rank on a
+/// GPU (composite ops), dense base.
+fn params(seq: usize, batch: usize, accum: usize) -> PlanParams {
+    PlanParams {
+        dtype: DType::BF16,
+        method: Method::Lora,
+        lora_r: 8,
+        lora_targets: xtf_train::config::KNOWN_MODULES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        lora_dropout: false,
+        micro_batch: batch,
+        seq_len: seq,
+        grad_accum: accum,
+        checkpointing: true,
+        fused: false,
+        ranks: 1,
+        zero: 0,
+        quant: None,
+    }
+}
+
 fn main() {
     let (seq, batch, accum) = (arg("--seq", 2048), arg("--batch", 1), arg("--accum", 4));
     println!(
         "| model | method | ranks | stage | weights | grads | AdamW | activations | total GiB / rank |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for (name, h, i, l, nh, nkv, v, tied) in MODELS {
-        let cfg = serde_json::json!({
-            "model_type": "qwen2", "hidden_size": h, "intermediate_size": i,
-            "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nkv,
-            "vocab_size": v, "tie_word_embeddings": tied, "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 131072
-        });
-        let m = ModelConfig::from_json(&cfg, std::path::Path::new(name)).expect("config");
+    for shape in MODELS {
+        let (name, m) = (shape.0, config(shape));
         for method in [Method::Lora, Method::Full] {
             for (ranks, zero) in [(1, 0), (2, 0), (2, 2), (8, 0), (8, 2)] {
                 let p = PlanParams {
-                    dtype: DType::BF16,
                     method,
-                    lora_r: 8,
-                    lora_targets: xtf_train::config::KNOWN_MODULES
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect(),
-                    lora_dropout: false,
-                    micro_batch: batch,
-                    seq_len: seq,
-                    grad_accum: accum,
-                    checkpointing: true,
-                    fused: false,
                     ranks,
                     zero,
-                    quant: None,
+                    ..params(seq, batch, accum)
                 };
                 let plan = MemoryPlan::estimate(&m, &p);
                 println!(
@@ -107,14 +123,8 @@ fn main() {
     println!();
     println!("| model | base | weights | grads | AdamW | activations | total GiB | fits 24 GiB |");
     println!("|---|---|---|---|---|---|---|---|");
-    for (name, h, i, l, nh, nkv, v, tied) in MODELS {
-        let cfg = serde_json::json!({
-            "model_type": "qwen2", "hidden_size": h, "intermediate_size": i,
-            "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nkv,
-            "vocab_size": v, "tie_word_embeddings": tied, "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 131072
-        });
-        let m = ModelConfig::from_json(&cfg, std::path::Path::new(name)).expect("config");
+    for shape in MODELS {
+        let (name, m) = (shape.0, config(shape));
         for quant in [
             None,
             Some(GgmlDType::Q8_0),
@@ -122,22 +132,8 @@ fn main() {
             Some(GgmlDType::Q4K),
         ] {
             let p = PlanParams {
-                dtype: DType::BF16,
-                method: Method::Lora,
-                lora_r: 8,
-                lora_targets: xtf_train::config::KNOWN_MODULES
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                lora_dropout: false,
-                micro_batch: batch,
-                seq_len: seq,
-                grad_accum: accum,
-                checkpointing: true,
-                fused: false,
-                ranks: 1,
-                zero: 0,
                 quant,
+                ..params(seq, batch, accum)
             };
             let plan = MemoryPlan::estimate(&m, &p);
             let base = quant.map_or("bf16".to_string(), |q| format!("{q:?}"));

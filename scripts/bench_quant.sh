@@ -10,6 +10,7 @@
 # by band). Needs ../shared/models and ../shared/data.
 #
 #   bash scripts/bench_quant.sh [ROUNDS] [STEPS]
+#   CKPT=1 bash scripts/bench_quant.sh ...     # with train.gradient_checkpointing = true
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -39,6 +40,7 @@ grad_accum = 2
 lr = 2e-4
 max_steps = $steps
 log_steps = 1
+gradient_checkpointing = $([ -n "${CKPT:-}" ] && echo true || echo false)
 seed = 1
 [lora]
 r = 8

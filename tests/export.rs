@@ -236,9 +236,7 @@ fn smollm2_import_train_export_import_keeps_the_loss() {
     std::env::remove_var("XTF_CACHE");
     let (m, _) = merged(&base, &adapter);
     let b = Model::load(&back, DType::F32, &Device::Cpu, Trainable::Frozen).unwrap();
-    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
-    let r = candle_core::safetensors::load(fx.join("smollm2_gsm8k3.safetensors"), &Device::Cpu)
-        .unwrap();
+    let r = crate::common::smollm2_fixture();
     let ce = |m: &Model, ids: &[u32]| -> f64 {
         let x = Tensor::new(ids, &Device::Cpu)
             .unwrap()
@@ -260,12 +258,7 @@ fn smollm2_import_train_export_import_keeps_the_loss() {
             / n as f64
     };
     for i in 0..3 {
-        let ids: Vec<u32> = r[&format!("input_ids_{i}")]
-            .to_vec1::<i64>()
-            .unwrap()
-            .iter()
-            .map(|&x| x as u32)
-            .collect();
+        let ids = crate::common::smollm2_fixture_ids(&r, i);
         let (a, b) = (ce(&m, &ids), ce(&b, &ids));
         println!("chat {i}: merged {a:.6} vs exported {b:.6}");
         assert!((a - b).abs() <= 1e-5 * a, "chat {i}: {a} vs {b}");

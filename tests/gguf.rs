@@ -543,21 +543,11 @@ fn unsupported_tokenizer_kinds_are_errors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The real checkpoint, when this checkout sits beside the shared models folder.
-fn smollm() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {} not present", p.display());
-        None
-    }
-}
-
 #[test]
 fn smollm2_metadata_and_tokenizer() {
-    let Some(path) = smollm() else { return };
+    let Some(path) = crate::common::smollm2_gguf() else {
+        return;
+    };
     let f = GgufFile::open(&path).expect("open");
     let hp = f.model_config().expect("model_config");
     assert_eq!(
@@ -597,7 +587,9 @@ fn smollm2_metadata_and_tokenizer() {
 
 #[test]
 fn smollm2_full_conversion() {
-    let Some(path) = smollm() else { return };
+    let Some(path) = crate::common::smollm2_gguf() else {
+        return;
+    };
     let out = scratch("smollm");
     let s = convert(&path, &out, DType::F32).expect("convert");
     assert_eq!(s.tensors, 2 + 9 * 30);
@@ -616,7 +608,9 @@ fn smollm2_full_conversion() {
 /// (`scripts/make_gguf_fixture.py`, tests/fixtures/gguf).
 #[test]
 fn smollm2_logits_and_ids_match_transformers_gguf_loader() {
-    let Some(path) = smollm() else { return };
+    let Some(path) = crate::common::smollm2_gguf() else {
+        return;
+    };
     // It sets XTF_CACHE: alone in its own process.
     if !crate::common::own_process("gguf::smollm2_logits_and_ids_match_transformers_gguf_loader") {
         return;
@@ -641,17 +635,11 @@ fn smollm2_logits_and_ids_match_transformers_gguf_loader() {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fx.join("smollm2_gsm8k3.json")).unwrap())
             .unwrap();
-    let r = candle_core::safetensors::load(fx.join("smollm2_gsm8k3.safetensors"), &Device::Cpu)
-        .unwrap();
+    let r = crate::common::smollm2_fixture();
     let vocab_subset = r["vocab_subset"].to_dtype(DType::U32).unwrap();
     let mut worst = 0f32;
     for (i, prompt) in meta["prompts"].as_array().unwrap().iter().enumerate() {
-        let want: Vec<u32> = r[&format!("input_ids_{i}")]
-            .to_vec1::<i64>()
-            .unwrap()
-            .iter()
-            .map(|&x| x as u32)
-            .collect();
+        let want = crate::common::smollm2_fixture_ids(&r, i);
         // The prompts are rendered chats with their special tokens as text.
         let ids = tok
             .inner
@@ -717,7 +705,9 @@ fn smollm2_logits_and_ids_match_transformers_gguf_loader() {
 /// SmolLM2's own rules (docs/gguf.md).
 #[test]
 fn smollm2_chats_match_transformers_chat_ids() {
-    let Some(path) = smollm() else { return };
+    let Some(path) = crate::common::smollm2_gguf() else {
+        return;
+    };
     let train = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gsm8k/train.jsonl");
     if !train.exists() {
         eprintln!("skipping: {} not present", train.display());

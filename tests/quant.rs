@@ -349,17 +349,6 @@ fn quantize_key_is_checked() {
     );
 }
 
-fn smollm() -> Option<std::path::PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {} not present", p.display());
-        None
-    }
-}
-
 /// SmolLM2's GGUF with its Q4_1 projections and Q8_0 tied embedding kept as
 /// stored (Q/K rows un-permuted in block form): logits within 1e-4 of
 /// transformers' GGUF loader (the fixture of `gguf::smollm2_logits…`), and
@@ -367,7 +356,9 @@ fn smollm() -> Option<std::path::PathBuf> {
 /// weights dequantised.
 #[test]
 fn smollm2_kept_quantised_matches_transformers() {
-    let Some(path) = smollm() else { return };
+    let Some(path) = crate::common::smollm2_gguf() else {
+        return;
+    };
     let f = xtf_train::model::gguf::GgufFile::open(&path).unwrap();
     let cfg = ModelConfig::from_json(&f.hf_config(DType::F32).unwrap(), &path).unwrap();
     let kept = f.kept_weights(&cfg).unwrap();
@@ -397,17 +388,11 @@ fn smollm2_kept_quantised_matches_transformers() {
     )
     .unwrap();
     assert!(qm.weight_bytes() < 100 << 20, "{} bytes", qm.weight_bytes());
-    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
-    let r = candle_core::safetensors::load(fx.join("smollm2_gsm8k3.safetensors"), &dev).unwrap();
+    let r = crate::common::smollm2_fixture();
     let mut worst = 0f64;
     let mut first_ids = None;
     for i in 0..3 {
-        let ids: Vec<u32> = r[&format!("input_ids_{i}")]
-            .to_vec1::<i64>()
-            .unwrap()
-            .iter()
-            .map(|&x| x as u32)
-            .collect();
+        let ids = crate::common::smollm2_fixture_ids(&r, i);
         let x = Tensor::new(ids.as_slice(), &dev)
             .unwrap()
             .unsqueeze(0)
@@ -542,7 +527,9 @@ fn tiny_model_trains_on_a_q8_0_base_and_q4k_fails_naming_the_tensor() {
 #[test]
 fn smollm2_keep_runs_the_whole_pipeline_like_the_dense_base() {
     use crate::common::{bin, stderr};
-    let Some(path) = smollm() else { return };
+    let Some(path) = crate::common::smollm2_gguf() else {
+        return;
+    };
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gsm8k/train.jsonl");
     if !data.exists() {
         eprintln!("skipping: {} not present", data.display());

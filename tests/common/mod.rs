@@ -210,3 +210,34 @@ pub fn own_process(name: &str) -> bool {
     );
     false
 }
+
+/// The real SmolLM2 GGUF beside this checkout, if present (tests skip
+/// cleanly without it).
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipping: {} not present", p.display());
+        None
+    }
+}
+
+/// transformers' reference for three SmolLM2 GSM8K chats
+/// (`scripts/make_gguf_fixture.py`): ids, last logits, vocab subset.
+pub fn smollm2_fixture() -> std::collections::HashMap<String, Tensor> {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    candle_core::safetensors::load(fx.join("smollm2_gsm8k3.safetensors"), &Device::Cpu)
+        .expect("smollm2 fixture")
+}
+
+/// Chat `i`'s token ids in [`smollm2_fixture`].
+pub fn smollm2_fixture_ids(r: &std::collections::HashMap<String, Tensor>, i: usize) -> Vec<u32> {
+    r[&format!("input_ids_{i}")]
+        .to_vec1::<i64>()
+        .expect("ids")
+        .iter()
+        .map(|&x| x as u32)
+        .collect()
+}
