@@ -256,6 +256,28 @@ fn python_reader_sees_every_logged_metric() {
             );
         }
     }
+    // The scoring pass's shares at step 0, as xtf_summary.json states them.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("xtf_summary.json")).unwrap())
+            .unwrap();
+    let mut shares = vec![("xtf/masked_share".to_string(), &summary["masked_share"])];
+    for a in ["ri", "kn", "tr"] {
+        shares.push((format!("xtf/{a}_flagged_share"), &summary[a]["share"]));
+        shares.push((
+            format!("xtf/{a}_rule_share"),
+            &summary[a]["share_before_cap"],
+        ));
+    }
+    for (tag, want) in shares {
+        let p = &tb[tag.as_str()][0];
+        let (step, got) = (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32);
+        let want = want.as_f64().unwrap() as f32;
+        assert_eq!(step, 0, "{tag}");
+        assert!(
+            (got - want).abs() <= 2e-7 * want.abs().max(1e-6),
+            "{tag}: {got} vs {want}"
+        );
+    }
 }
 
 #[test]
