@@ -259,6 +259,21 @@ fn names_map_both_ways() {
     assert_eq!(hf_name("blk.x.attn_q.weight"), None);
     assert_eq!(hf_name("blk.0.ffn_gate_exps.weight"), None);
     assert_eq!(hf_name("rope_freqs.weight"), None);
+    // Export's direction: the inverse, on every HF name of a tiny model,
+    // against this file's own table; norms have no bias.
+    for (hf, _) in Tiny::new().hf_weights() {
+        let g = xtf_train::model::gguf::gguf_name(&hf);
+        assert_eq!(g.as_deref(), Some(gguf_name(&hf).as_str()), "{hf}");
+        assert_eq!(hf_name(&g.unwrap()).as_deref(), Some(hf.as_str()));
+    }
+    assert_eq!(
+        xtf_train::model::gguf::gguf_name("model.layers.2.self_attn.k_norm.weight").as_deref(),
+        Some("blk.2.attn_k_norm.weight")
+    );
+    assert_eq!(
+        xtf_train::model::gguf::gguf_name("model.layers.0.input_layernorm.bias"),
+        None
+    );
 }
 
 #[test]

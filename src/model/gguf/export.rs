@@ -8,7 +8,7 @@
 //! - Architecture: llama and mistral as `llama` (llama.cpp's own choice for
 //!   Mistral; the sliding window is not carried), `qwen2`, `qwen3`.
 //! - Q/K rows of llama-architecture files permuted as llama.cpp expects
-//!   (the inverse of [`super::unpermute_qk`]); Llama-3 RoPE scaling as the
+//!   (the inverse of [`super::unpermute_qk`], `tensors::permute_qk`); Llama-3 RoPE scaling as the
 //!   `rope_freqs` tensor.
 //! - Matrices in the requested type; a matrix whose rows are not whole
 //!   blocks falls back to f16 (as llama.cpp's converter does), norms and
@@ -19,6 +19,7 @@
 //!   that tokenises differently.
 //! - Written atomically: a failed export leaves no file.
 
+use super::tensors::{gguf_name, permute_qk};
 use super::tokenizer::{LLAMA3_SPLIT, QWEN2_SPLIT};
 use crate::error::{Error, Result};
 use crate::model::{lora, Family, Model, ModelConfig, Trainable};
@@ -169,46 +170,6 @@ fn rope_freqs(cfg: &ModelConfig) -> Result<Option<Tensor>> {
     let f: Vec<f32> = plain.iter().zip(&scaled).map(|(p, s)| p / s).collect();
     let n = f.len();
     Ok(Some(Tensor::from_vec(f, n, &Device::Cpu)?))
-}
-
-/// llama.cpp's Q/K row order: each head's rows viewed as (2, head_dim/2)
-/// (rotate-half) and transposed, so rotation pairs are adjacent.
-fn permute_qk(t: &Tensor, n_head: usize) -> Result<Tensor> {
-    let dims = t.dims().to_vec();
-    let half = dims[0] / n_head / 2;
-    let cols: usize = dims[1..].iter().product();
-    Ok(t.reshape((n_head, 2, half, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)?)
-}
-
-/// GGUF name of an HF tensor name (the inverse of [`super::hf_name`]).
-pub fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let g = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.k_norm" => "attn_k_norm",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
 fn tensor_order(name: &str) -> (usize, usize, String) {

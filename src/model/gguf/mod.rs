@@ -33,7 +33,7 @@ mod tensors;
 mod tokenizer;
 
 pub use header::ggml_type_name;
-pub use tensors::{hf_name, unpermute_qk};
+pub use tensors::{gguf_name, hf_name, permute_qk, unpermute_qk};
 pub use tokenizer::merges_from_scores;
 
 use crate::model::Family;

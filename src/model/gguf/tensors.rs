@@ -262,36 +262,71 @@ impl GgufFile {
     }
 }
 
-/// HF tensor name for a GGUF tensor name of the llama/mistral/qwen2 layout.
-pub fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
+/// Whole-model tensors: (GGUF name, HF name).
+const TOP: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// A layer's modules: (GGUF, HF, weight only — norms have no bias). One
+/// table for both directions (loading and export).
+const LAYER: [(&str, &str, bool); 11] = [
+    ("attn_q", "self_attn.q_proj", false),
+    ("attn_k", "self_attn.k_proj", false),
+    ("attn_v", "self_attn.v_proj", false),
+    ("attn_output", "self_attn.o_proj", false),
+    ("ffn_gate", "mlp.gate_proj", false),
+    ("ffn_up", "mlp.up_proj", false),
+    ("ffn_down", "mlp.down_proj", false),
+    ("attn_norm", "input_layernorm", true),
+    ("attn_q_norm", "self_attn.q_norm", true),
+    ("attn_k_norm", "self_attn.k_norm", true),
+    ("ffn_norm", "post_attention_layernorm", true),
+];
+
+/// `name` = `{prefix}{layer}.{module}.{kind}` with kind weight or bias:
+/// (layer, module, kind).
+fn split_layer_name<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str, &'a str)> {
+    let (layer, rest) = name.strip_prefix(prefix)?.split_once('.')?;
     let (module, kind) = rest.rsplit_once('.')?;
-    if kind != "weight" && kind != "bias" {
-        return None;
+    let ok = kind == "weight" || kind == "bias";
+    ok.then_some((layer.parse().ok()?, module, kind))
+}
+
+/// HF tensor name for a GGUF tensor name of the llama/mistral/qwen2/qwen3 layout.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    if let Some((_, hf)) = TOP.iter().find(|(g, _)| *g == gguf) {
+        return Some(hf.to_string());
     }
-    let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" if kind == "weight" => "input_layernorm",
-        "attn_q_norm" if kind == "weight" => "self_attn.q_norm",
-        "attn_k_norm" if kind == "weight" => "self_attn.k_norm",
-        "ffn_norm" if kind == "weight" => "post_attention_layernorm",
-        _ => return None,
-    };
+    let (layer, module, kind) = split_layer_name(gguf, "blk.")?;
+    let (_, hf, _) = LAYER
+        .iter()
+        .find(|(g, _, weight_only)| *g == module && (kind == "weight" || !weight_only))?;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// GGUF tensor name for an HF tensor name (the inverse of [`hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = TOP.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let (layer, module, kind) = split_layer_name(hf, "model.layers.")?;
+    let (g, _, weight_only) = LAYER.iter().find(|(_, h, _)| *h == module)?;
+    (kind == "weight" || !weight_only).then(|| format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// llama.cpp's Q/K row order for `n_head` heads: each head's rows viewed as
+/// (2, head_dim/2) (rotate-half) and transposed, so rotation pairs are
+/// adjacent. The inverse of [`unpermute_qk`]; export writes it.
+pub fn permute_qk(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let half = dims[0] / n_head / 2;
+    let cols: usize = dims[1..].iter().product();
+    t.reshape((n_head, 2, half, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
 }
 
 /// Undo llama.cpp's Q/K row permutation for `n_head` heads (use the KV head

@@ -8,7 +8,9 @@
 //! run at full speed. `y = x Wᵀ` writes each band's columns of `y`;
 //! `dx = g W` accumulates each band's contribution.
 
-use crate::model::kernels::cpu::{gemm_into, gemm_raw, parallelism, try_build, GemmElem, Mat};
+use crate::model::kernels::cpu::{
+    gemm_into, gemm_raw, parallelism, product, try_build, with_slice, GemmElem, Mat,
+};
 use candle_core::quantized::QTensor;
 use candle_core::{bail, Result};
 use std::ops::Range;
@@ -22,11 +24,28 @@ fn bands(n: usize, k: usize) -> impl Iterator<Item = Range<usize>> {
     (0..n).step_by(rows).map(move |r| r..(r + rows).min(n))
 }
 
-/// Rows `rows` of `q` dequantised, as `E`.
-fn band<E: GemmElem>(q: &QTensor, rows: Range<usize>) -> Result<Vec<E>> {
-    let t = crate::model::quant::dequantize_rows(q, rows)
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    t.to_dtype(E::DTYPE)?.flatten_all()?.to_vec1::<E>()
+/// Call `f` with each row band of the (n, k) block-format `q` dequantised
+/// as `E` (read in place, no copy), after checking that `q` is (n, k) and
+/// the operand `a` holds `a_len` elements.
+fn for_each_band<E: GemmElem>(
+    q: &QTensor,
+    (n, k): (usize, usize),
+    (a, a_len): (usize, usize),
+    mut f: impl FnMut(usize, Range<usize>, &[E]) -> Result<()>,
+) -> Result<()> {
+    if q.shape().dims() != [n, k] || a < a_len {
+        bail!(
+            "quantised matmul: an operand of {a} elements (need {a_len}) and W {:?} (need {n}×{k}) do not fit",
+            q.shape().dims()
+        );
+    }
+    for (i, r) in bands(n, k).enumerate() {
+        let t = crate::model::quant::dequantize_rows(q, r.clone())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .to_dtype(E::DTYPE)?;
+        with_slice::<E, _>(&t, |w| f(i, r.clone(), w))?;
+    }
+    Ok(())
 }
 
 /// `y (m, n) = x (m, k) · Wᵀ` for the (n, k) block-format `q`.
@@ -35,16 +54,9 @@ pub(crate) fn x_wt<E: GemmElem>(
     q: &QTensor,
     (m, n, k): (usize, usize, usize),
 ) -> Result<Vec<E>> {
-    if q.shape().dims() != [n, k] || x.len() < m * k {
-        bail!(
-            "quantised matmul: x {m}×{k} and W {:?} do not fit",
-            q.shape().dims()
-        );
-    }
     let par = parallelism();
     try_build(m * n, |y| {
-        for r in bands(n, k) {
-            let w = band::<E>(q, r.clone())?;
+        for_each_band::<E>(q, (n, k), (x.len(), m * k), |_, r, w| {
             // SAFETY: `y` holds m·n elements; this band writes columns
             // r.start..r.end of every row (row stride n), all in bounds, and
             // the bands cover each column once, so every element is written.
@@ -56,13 +68,12 @@ pub(crate) fn x_wt<E: GemmElem>(
                     false,
                     (m, r.len(), k),
                     Mat::rows(x, k),
-                    Mat::t(&w, k),
+                    Mat::t(w, k),
                     1.0,
                     par,
-                )?;
+                )
             }
-        }
-        Ok(())
+        })
     })
 }
 
@@ -72,25 +83,17 @@ pub(crate) fn g_w<E: GemmElem>(
     q: &QTensor,
     (m, n, k): (usize, usize, usize),
 ) -> Result<Vec<E>> {
-    if q.shape().dims() != [n, k] || g.len() < m * n {
-        bail!(
-            "quantised matmul: g {m}×{n} and W {:?} do not fit",
-            q.shape().dims()
-        );
-    }
     let par = parallelism();
     try_build(m * k, |dx| {
-        for (i, r) in bands(n, k).enumerate() {
-            let w = band::<E>(q, r.clone())?;
+        for_each_band::<E>(q, (n, k), (g.len(), m * n), |i, r, w| {
             // g's columns of this band: a strided (m, len) view.
             let gb = Mat {
                 data: &g[r.start..],
                 rs: n,
                 cs: 1,
             };
-            gemm_into(dx, i > 0, (m, k, r.len()), gb, Mat::rows(&w, k), 1.0, par)?;
-        }
-        Ok(())
+            gemm_into(dx, i > 0, (m, k, r.len()), gb, Mat::rows(w, k), 1.0, par)
+        })
     })
 }
 
@@ -101,7 +104,6 @@ pub(crate) fn frozen_x_wt<E: GemmElem>(
     w: &crate::model::linear::Frozen,
     (m, n, k): (usize, usize, usize),
 ) -> Result<Vec<E>> {
-    use crate::model::kernels::cpu::{product, with_slice};
     match w {
         crate::model::linear::Frozen::Quant(q, _) => x_wt(x, q, (m, n, k)),
         crate::model::linear::Frozen::Dense(w) => with_slice::<E, _>(w, |w| {
@@ -116,7 +118,6 @@ pub(crate) fn frozen_g_w<E: GemmElem>(
     w: &crate::model::linear::Frozen,
     (m, n, k): (usize, usize, usize),
 ) -> Result<Vec<E>> {
-    use crate::model::kernels::cpu::{product, with_slice};
     match w {
         crate::model::linear::Frozen::Quant(q, _) => g_w(g, q, (m, n, k)),
         crate::model::linear::Frozen::Dense(w) => with_slice::<E, _>(w, |w| {
@@ -154,7 +155,6 @@ pub(crate) fn frozen_bwd_tensor(
     mnk: (usize, usize, usize),
     like: &candle_core::Shape,
 ) -> Result<candle_core::Tensor> {
-    use crate::model::kernels::cpu::with_slice;
     by_real!(g.dtype(), "frozen matmul", |E| {
         let dx = with_slice::<E, _>(g, |g| frozen_g_w(g, w, mnk))?;
         candle_core::Tensor::from_vec(dx, like.clone(), g.device())
