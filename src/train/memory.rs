@@ -179,14 +179,10 @@ impl MemoryPlan {
         let (weights, dequant) = match p.quant {
             None => (n_weights * e, 0),
             Some(q) => {
-                let proj: u64 =
-                    layers * linear_shapes(m).iter().map(|l| l.inp * l.out).sum::<u64>();
+                let sizes: Vec<u64> = linear_shapes(m).iter().map(|l| l.inp * l.out).collect();
+                let proj = layers * sizes.iter().sum::<u64>();
                 let packed = (proj * q.type_size() as u64).div_ceil(q.block_size() as u64);
-                let largest = linear_shapes(m)
-                    .iter()
-                    .map(|l| l.inp * l.out)
-                    .max()
-                    .unwrap_or(0);
+                let largest = sizes.iter().copied().max().unwrap_or(0);
                 let dequant = match p.fused {
                     true => crate::model::kernels::quant::BAND_BYTES as u64,
                     false => largest * e,
